@@ -1,0 +1,45 @@
+"""Shared pieces of the four scripts. See the README for what lives where."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import re
+import typing
+
+_FIELD = re.compile(r"^\s+(\w+)\s*:")
+
+
+def _field_docs(cls) -> dict[str, str]:
+    """CleanRL-style docs: the string literal on the line after each field."""
+    src = inspect.getsource(cls).splitlines()
+    docs = {}
+    for line, nxt in zip(src, src[1:], strict=False):
+        m = _FIELD.match(line)
+        if m and nxt.strip().startswith('"""'):
+            docs[m.group(1)] = nxt.strip().strip('"').strip()
+    return docs
+
+
+def parse_args(cls, argv: list[str] | None = None):
+    """Command-line flags from an Args dataclass, its field docstrings as help.
+    list fields repeat (--test_data a --test_data b); bool fields take true/false."""
+    hints, docs = typing.get_type_hints(cls), _field_docs(cls)
+    p = argparse.ArgumentParser(description=(cls.__doc__ or "").strip().splitlines()[0])
+    for f in dataclasses.fields(cls):
+        t = hints[f.name]
+        targs = [a for a in typing.get_args(t) if a is not type(None)]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kw: dict = {"default": default, "help": f"{docs.get(f.name, '')} (default: {default})"}
+        if typing.get_origin(t) is list:
+            kw.update(action="append", type=targs[0], default=None)
+        elif t is bool:
+            kw.update(type=lambda s: s.lower() in ("1", "true", "yes", "y"), metavar="BOOL")
+        else:
+            kw["type"] = targs[0] if targs else t
+        p.add_argument(f"--{f.name}", **kw)
+    ns = vars(p.parse_args(argv))
+    for f in dataclasses.fields(cls):  # an unused repeatable flag keeps its default
+        if ns[f.name] is None and typing.get_origin(hints[f.name]) is list:
+            ns[f.name] = f.default_factory()
+    return cls(**ns)

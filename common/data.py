@@ -1,0 +1,194 @@
+"""Data: JSONL manifests, Kaldi data dirs, bad-item handling, length-bucketed batches.
+
+Bad input never stops a run. Each bad item gets one warning line naming its file and
+line, is skipped, and is counted in `Skips` (which every script writes to its summary).
+Only a source in which nothing usable is left is an error.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from common.audio import AudioError, load_audio
+from common.metrics import normalize
+
+log = logging.getLogger("speechrl")
+
+
+@dataclass
+class Utt:
+    key: str
+    audio: str  # absolute path
+    text: str
+    src: str  # "file:line" where the item was read, for messages
+    speaker: str | None = None
+    keywords: list[str] = field(default_factory=list)
+    duration: float | None = None
+    lang: str | None = None
+
+
+class Skips:
+    """Counts skipped items by reason; `warn` prints the one-line message."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+
+    def warn(self, where: str, reason: str, detail: str = "") -> None:
+        self.counts[reason] += 1
+        log.warning("skipped %s: %s%s", where, reason, f" ({detail})" if detail else "")
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(sorted(self.counts.items()))
+
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+def _check_text(text: object, where: str, skips: Skips) -> str | None:
+    if not isinstance(text, str) or not text.strip():
+        skips.warn(where, "empty transcript")
+        return None
+    if not normalize(text):
+        skips.warn(where, "transcript has no words after normalisation", repr(text[:40]))
+        return None
+    return text.strip()
+
+
+def read_manifest(path: str, skips: Skips) -> list[Utt]:
+    """A JSONL manifest: {"key", "audio", "text"} plus optional speaker/keywords/duration/lang.
+    A relative audio path resolves against the manifest's folder."""
+    base = os.path.dirname(os.path.abspath(path))
+    out: list[Utt] = []
+    seen: set[str] = set()
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            where = f"{path}:{i}"
+            if not line.strip():
+                continue
+            try:
+                d = json.loads(line)
+                if not isinstance(d, dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as e:
+                skips.warn(where, "malformed JSON line", str(e)[:60])
+                continue
+            missing = [k for k in ("key", "audio") if not isinstance(d.get(k), str) or not d[k]]
+            if missing:
+                skips.warn(where, "missing field", ", ".join(missing))
+                continue
+            if d["key"] in seen:
+                skips.warn(where, "duplicate key", d["key"])
+                continue
+            text = _check_text(d.get("text"), where, skips)
+            if text is None:
+                continue
+            audio = d["audio"] if os.path.isabs(d["audio"]) else os.path.join(base, d["audio"])
+            if not os.path.isfile(audio):
+                skips.warn(where, "missing audio file", audio)
+                continue
+            kw = d.get("keywords") or []
+            seen.add(d["key"])
+            out.append(Utt(d["key"], audio, text, where, d.get("speaker"),
+                           [normalize(k) for k in kw if isinstance(k, str) and normalize(k)],
+                           d.get("duration"), d.get("lang")))
+    return out
+
+
+def _kaldi_table(path: str, skips: Skips) -> dict[str, tuple[str, str]]:
+    """key -> (rest of line, "file:line")."""
+    table: dict[str, tuple[str, str]] = {}
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            parts = line.strip().split(maxsplit=1)
+            if not parts:
+                continue
+            where = f"{path}:{i}"
+            if parts[0] in table:
+                skips.warn(where, "duplicate key", parts[0])
+                continue
+            table[parts[0]] = (parts[1] if len(parts) > 1 else "", where)
+    return table
+
+
+def read_kaldi(d: str, skips: Skips) -> list[Utt]:
+    """A Kaldi data dir: wav.scp (plain paths only), text, optional utt2spk."""
+    for name in ("wav.scp", "text"):
+        if not os.path.isfile(os.path.join(d, name)):
+            raise FileNotFoundError(f"{d}: a Kaldi data dir needs {name}")
+    wavs = _kaldi_table(os.path.join(d, "wav.scp"), skips)
+    texts = _kaldi_table(os.path.join(d, "text"), skips)
+    spk_path = os.path.join(d, "utt2spk")
+    spk = _kaldi_table(spk_path, skips) if os.path.isfile(spk_path) else {}
+    out = []
+    for key, (audio, where) in wavs.items():
+        if audio.endswith("|"):
+            skips.warn(where, "piped wav.scp command not supported; give a file path",
+                       audio[:60])
+            continue
+        if key not in texts:
+            skips.warn(where, "no transcript in text", key)
+            continue
+        text = _check_text(texts[key][0], texts[key][1], skips)
+        if text is None:
+            continue
+        audio = audio if os.path.isabs(audio) else os.path.join(d, audio)
+        if not os.path.isfile(audio):
+            skips.warn(where, "missing audio file", audio)
+            continue
+        out.append(Utt(key, audio, text, where, spk.get(key, (None,))[0]))
+    return out
+
+
+def read_data(path: str, skips: Skips) -> list[Utt]:
+    """A manifest (.jsonl) or a Kaldi data dir. Raises if nothing usable is left."""
+    if os.path.isdir(path):
+        utts = read_kaldi(path, skips)
+    elif os.path.isfile(path):
+        utts = read_manifest(path, skips)
+    else:
+        raise FileNotFoundError(f"{path}: no such manifest or Kaldi data dir")
+    if not utts:
+        raise ValueError(f"{path}: no usable utterances (skipped: {skips.as_dict() or 'none'})")
+    return utts
+
+
+def load_audio_items(utts: list[Utt], skips: Skips, max_seconds: float,
+                     progress: bool = False) -> list[tuple[Utt, torch.Tensor]]:
+    """Read each utterance's audio (16 kHz mono); bad audio is skipped and counted."""
+    from tqdm import tqdm
+
+    out = []
+    for u in tqdm(utts, desc="audio", disable=not progress, leave=False):
+        try:
+            out.append((u, load_audio(u.audio, max_seconds)))
+        except AudioError as e:
+            skips.warn(u.src, "bad audio", str(e))
+    if not out:
+        raise ValueError(f"no usable audio among {len(utts)} items (skipped: {skips.as_dict()})")
+    return out
+
+
+def length_batches(lengths: list[int], max_items: int, max_units: int | None = None,
+                   shuffle: bool = True, seed: int = 0) -> list[list[int]]:
+    """Indices grouped by similar length (little padding): at most max_items per batch and,
+    if given, at most max_units of padded length (items x longest). Batch order is shuffled."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    for i in order:
+        longest = lengths[i]  # sorted ascending, so the newest item is the longest
+        if cur and (len(cur) >= max_items or (max_units and longest * (len(cur) + 1) > max_units)):
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        batches.append(cur)
+    if shuffle:
+        random.Random(seed).shuffle(batches)
+    return batches

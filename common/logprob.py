@@ -1,0 +1,122 @@
+"""Fused per-token log-probabilities from hidden states and the LM head (SPEC F2).
+
+The naive way, ``log_softmax(h @ W.T).gather(y)``, materialises a [N, V] logits tensor
+(and autograd keeps it, plus its softmax, for backward). With V = 151,936 and N = 16k
+tokens that is ~10 GB in fp32. Here rows are processed in chunks: the forward keeps only
+the per-row log-sum-exp, and the backward *recomputes* each chunk's logits instead of
+storing them. Peak extra memory is one [chunk, V] block.
+
+    lp, ent = token_logprobs(hidden, weight, targets, with_entropy=True)
+
+d lp_n / d z_n = onehot(y_n) - p_n;  d H_n / d z_n = -p_n (log p_n + H_n).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+# Rows per chunk: about 2^25 logits (128 MB in fp32) at a time, whatever V is.
+CHUNK_ELEMS = 1 << 25
+
+
+def _chunk_rows(n: int, v: int) -> int:
+    return max(1, min(n, CHUNK_ELEMS // max(v, 1)))
+
+
+def _acc(z: torch.Tensor) -> torch.Tensor:
+    """Softmax precision: fp32 for fp32/bf16/fp16 inputs, fp64 for fp64 (tests)."""
+    return z if z.dtype == torch.float64 else z.float()
+
+
+def _fwd_chunk(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor):
+    z = _acc(h @ w.T)  # [c, V]; matmul in the input dtype, softmax in fp32
+    lse = torch.logsumexp(z, dim=-1)  # [c]
+    lp = z.gather(1, y[:, None]).squeeze(1) - lse  # [c]
+    p = torch.exp(z - lse[:, None])  # [c, V]
+    ent = lse - (p * z).sum(-1)  # [c]  H = lse - E_p[z]
+    return lp.clamp(max=0.0), ent, lse  # rounding can give +1e-7; a log-prob is never positive
+
+
+def _bwd_chunk(h, w, y, g_lp, g_ent, lse, ent):
+    z = _acc(h @ w.T)  # recompute, [c, V]
+    logp = z - lse[:, None]
+    p = logp.exp()
+    # d/dz of (g_lp * lp + g_ent * H): g_lp (onehot - p) - g_ent p (log p + H)
+    gz = -p * (g_lp[:, None] + g_ent[:, None] * (logp + ent[:, None]))  # [c, V]
+    gz.scatter_add_(1, y[:, None], g_lp[:, None])
+    gz = gz.to(h.dtype)
+    return gz @ w, gz.T @ h  # [c, d], [V, d]
+
+
+_compiled: dict[str, object] = {}
+
+
+def _maybe_compiled(fn, device: torch.device):
+    """torch.compile the chunk math on CUDA (fuses softmax/gather/entropy); eager elsewhere.
+
+    SPEECHRL_COMPILE=0 turns compilation off, =1 forces it on (CPU too)."""
+    flag = os.environ.get("SPEECHRL_COMPILE")
+    use = flag == "1" or (flag is None and device.type == "cuda")
+    if not use:
+        return fn
+    key = f"{fn.__name__}:{device.type}"
+    if key not in _compiled:
+        _compiled[key] = torch.compile(fn, dynamic=True)
+    return _compiled[key]
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets):
+        n, v = hidden.shape[0], weight.shape[0]
+        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        lp, ent, lse = (hidden.new_empty(n, dtype=acc) for _ in range(3))
+        fwd = _maybe_compiled(_fwd_chunk, hidden.device)
+        step = _chunk_rows(n, v)
+        for s in range(0, n, step):
+            sl = slice(s, s + step)
+            lp[sl], ent[sl], lse[sl] = fwd(hidden[sl], weight, targets[sl])
+        ctx.save_for_backward(hidden, weight, targets, lse, ent)
+        return lp, ent
+
+    @staticmethod
+    def backward(ctx, g_lp, g_ent):
+        hidden, weight, targets, lse, ent = ctx.saved_tensors
+        n, v = hidden.shape[0], weight.shape[0]
+        g_lp = torch.zeros_like(lse) if g_lp is None else g_lp.to(lse.dtype)
+        g_ent = torch.zeros_like(lse) if g_ent is None else g_ent.to(lse.dtype)
+        gh = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        gw = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device) \
+            if ctx.needs_input_grad[1] else None
+        bwd = _maybe_compiled(_bwd_chunk, hidden.device)
+        step = _chunk_rows(n, v)
+        for s in range(0, n, step):
+            sl = slice(s, s + step)
+            gh_c, gw_c = bwd(hidden[sl], weight, targets[sl], g_lp[sl], g_ent[sl], lse[sl], ent[sl])
+            if gh is not None:
+                gh[sl] = gh_c
+            if gw is not None:
+                gw += gw_c.to(gw.dtype)
+        return gh, (gw.to(weight.dtype) if gw is not None else None), None
+
+
+def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                   with_entropy: bool = False):
+    """log p(targets | hidden) under logits = hidden @ weight.T, in float32, never [N, V] at once.
+
+    hidden [N, d], weight [V, d], targets [N] (int64). Returns lp [N] (and entropy [N]),
+    in float32 (float64 for float64 inputs, which the parity tests use).
+    """
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} do not match")
+    if targets.shape != hidden.shape[:1]:
+        raise ValueError(f"targets {tuple(targets.shape)} must be [N] with N = {hidden.shape[0]}")
+    lp, ent = _TokenLogprobs.apply(hidden, weight, targets.long())
+    return (lp, ent) if with_entropy else lp
+
+
+def naive_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):
+    """The reference the kernel must equal: full logits, log_softmax, gather."""
+    logp = torch.log_softmax(_acc(hidden @ weight.T), dim=-1)  # [N, V]
+    return logp.gather(1, targets[:, None].long()).squeeze(1)

@@ -1,0 +1,354 @@
+"""Models: the LLM-ASR (audio encoder -> frame-stacking projector -> causal LM), tiny
+ones built from configs for the toy world, real ones loaded from local Hugging Face
+folders, checkpoints (safetensors, written atomically), and the rollout sampler.
+
+One class, `SpeechLLM`, serves both worlds:
+  toy   ToyEncoder (conv + transformer on log-mels) + Qwen2ForCausalLM from a small config
+  real  the encoder of a local Whisper folder + any local causal LM (Qwen2.5, ...)
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+import shutil
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from common.audio import log_mel
+
+CONFIG_NAME = "speechllm.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+# ---------------------------------------------------------------- encoders
+class ToyEncoder(nn.Module):
+    """Two stride-2 convs (10 ms -> 40 ms frames) and a pre-norm transformer."""
+
+    def __init__(self, n_mels: int = 80, d_model: int = 192, n_layers: int = 4, n_heads: int = 4,
+                 dropout: float = 0.1):
+        super().__init__()
+        self.d_model = d_model
+        self.conv = nn.Sequential(nn.Conv1d(n_mels, d_model, 3, 2, 1), nn.GELU(),
+                                  nn.Conv1d(d_model, d_model, 3, 2, 1), nn.GELU())
+        layer = nn.TransformerEncoderLayer(d_model, n_heads, 4 * d_model, dropout,
+                                           activation="gelu", batch_first=True, norm_first=True)
+        self.layers = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(d_model)
+
+    def forward(self, feats: torch.Tensor, lens: torch.Tensor):
+        x = self.conv(feats.transpose(1, 2)).transpose(1, 2)  # [B, T/4, d]
+        lens = (lens + 3) // 4
+        t = torch.arange(x.shape[1], device=x.device)
+        half = self.d_model // 2  # sinusoidal positions: no length limit
+        freq = torch.exp(-math.log(10_000.0) * torch.arange(half, device=x.device) / half)
+        ang = t[:, None].float() * freq[None]
+        x = x + torch.cat([ang.sin(), ang.cos()], -1).to(x.dtype)
+        pad = t[None] >= lens[:, None]  # [B, T/4]
+        return self.norm(self.layers(x, src_key_padding_mask=pad)), lens
+
+
+class WhisperAudioEncoder(nn.Module):
+    """transformers' Whisper encoder. It takes exactly 2 x max_source_positions feature
+    frames (3,000 = 30 s for real checkpoints), so features are padded to that, and only
+    the output frames that hold speech are passed on."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+        self.d_model = encoder.config.d_model
+        self.n_frames = 2 * encoder.config.max_source_positions
+
+    def forward(self, feats: torch.Tensor, lens: torch.Tensor):
+        if feats.shape[1] > self.n_frames:
+            raise ValueError(f"{feats.shape[1]} feature frames > the encoder's {self.n_frames}")
+        feats = F.pad(feats, (0, 0, 0, self.n_frames - feats.shape[1]))  # [B, 3000, 80]
+        h = self.encoder(feats.transpose(1, 2).to(self.encoder.dtype)).last_hidden_state
+        return h, (lens + 1) // 2  # the encoder's conv has stride 2
+
+
+# ---------------------------------------------------------------- the LLM-ASR
+class SpeechLLM(nn.Module):
+    """audio -> encoder -> stack `stack` frames -> MLP projector -> LM input embeddings.
+
+    The LM reads [audio embeddings][prompt tokens] and writes the transcript, then eos.
+    An optional CTC head on the encoder (toy world) speeds up SFT from scratch."""
+
+    def __init__(self, cfg: dict, encoder: nn.Module, lm: nn.Module, tokenizer):
+        super().__init__()
+        self.cfg, self.encoder, self.lm, self.tokenizer = cfg, encoder, lm, tokenizer
+        d_lm = lm.config.hidden_size
+        self.projector = nn.Sequential(nn.Linear(encoder.d_model * cfg["stack"], d_lm), nn.GELU(),
+                                       nn.Linear(d_lm, d_lm))
+        self.ctc_head = nn.Linear(encoder.d_model, len(tokenizer) + 1) if cfg.get("ctc") else None
+        self.prompt_ids = tokenizer(cfg["prompt"], add_special_tokens=False).input_ids
+        self.eos_id = tokenizer.eos_token_id
+
+    # -- features (on CPU, per utterance) ------------------------------------------------
+    def features(self, wav: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """16 kHz audio [samples] -> (features [frames, 80], frames that hold speech)."""
+        if self.cfg["encoder"] == "toy":
+            x = log_mel(wav)
+            return x - x.mean(0, keepdim=True), x.shape[0]  # per-utterance mean normalisation
+        fe = self.feature_extractor
+        n = self.encoder.n_frames * fe.hop_length
+        x = fe(wav.numpy(), sampling_rate=fe.sampling_rate, return_tensors="pt",
+               padding="max_length", max_length=n, truncation=True).input_features[0]  # [80, 3000]
+        # Whisper was trained on the extractor's own padding, so keep the full window; the
+        # speech length tells the encoder which output frames to pass on.
+        return x.T.contiguous(), min(math.ceil(wav.shape[0] / fe.hop_length), self.encoder.n_frames)
+
+    # -- the forward pieces --------------------------------------------------------------
+    def embed_audio(self, feats: torch.Tensor, lens: torch.Tensor):
+        """feats [B, T, 80] -> LM-space embeddings [B, T', d_lm], lengths [B], encoder out."""
+        h, hl = self.encoder(feats, lens)  # [B, Te, d_enc]
+        k = self.cfg["stack"]
+        te = h.shape[1] // k * k
+        if te == 0:
+            raise ValueError("audio shorter than one projector frame")
+        x = h[:, :te].reshape(h.shape[0], te // k, k * h.shape[2])  # [B, Te/k, k*d_enc]
+        x = self.projector(x.to(self.projector[0].weight.dtype))
+        return x, (hl // k).clamp(min=1, max=te // k), (h, hl)
+
+    def build_inputs(self, audio: torch.Tensor, audio_lens: torch.Tensor,
+                     targets: list[list[int]] | None = None):
+        """Left-padded LM inputs [audio][prompt](targets). Returns inputs_embeds [B, L, d],
+        attention_mask [B, L], position_ids [B, L] and, with targets, the flat indices of
+        the positions whose next-token prediction is each target token (for log-probs)."""
+        emb = self.lm.get_input_embeddings()
+        dev = audio.device
+        prompt = emb(torch.tensor(self.prompt_ids, device=dev, dtype=torch.long))  # [Lp, d]
+        rows = []
+        for i in range(audio.shape[0]):
+            parts = [audio[i, : audio_lens[i]], prompt.to(audio.dtype)]
+            if targets is not None:
+                parts.append(emb(torch.tensor(targets[i], device=dev, dtype=torch.long)).to(audio.dtype))
+            rows.append(torch.cat(parts))
+        L = max(r.shape[0] for r in rows)
+        x = audio.new_zeros(len(rows), L, audio.shape[-1])
+        mask = torch.zeros(len(rows), L, dtype=torch.long, device=dev)
+        pred_pos = []
+        for i, r in enumerate(rows):
+            x[i, L - r.shape[0]:] = r
+            mask[i, L - r.shape[0]:] = 1
+            if targets is not None:  # the token at p is predicted from position p-1
+                first = L - len(targets[i])
+                pred_pos.append(i * L + torch.arange(first - 1, L - 1, device=dev))
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        return x, mask, pos, (torch.cat(pred_pos) if targets is not None else None)
+
+    def hidden(self, inputs_embeds, attention_mask, position_ids) -> torch.Tensor:
+        """Final hidden states of the LM [B, L, d] (the LM head is applied by the caller)."""
+        return self.lm.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                  position_ids=position_ids).last_hidden_state
+
+    def target_ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False).input_ids + [self.eos_id]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode([i for i in ids if i != self.eos_id], skip_special_tokens=True).strip()
+
+    # -- checkpoints ---------------------------------------------------------------------
+    def save(self, path: str) -> None:
+        """Atomic: written to path.tmp, then renamed over path."""
+        tmp, old = path.rstrip("/") + ".tmp", path.rstrip("/") + ".old"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        cfg = dict(self.cfg, lm_config=self.lm.config.to_dict())
+        if self.cfg["encoder"] == "whisper":
+            cfg["whisper_config"] = self.encoder.encoder.config.to_dict()
+            self.feature_extractor.save_pretrained(os.path.join(tmp, "feature_extractor"))
+        elif self.cfg["encoder"] == "toy":
+            cfg["toy_encoder"] = self.cfg["toy_encoder"]
+        with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
+            json.dump(cfg, f, indent=1, default=str)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        seen: dict[int, str] = {}  # tied weights (embedding = LM head): store once
+        for k in list(state):
+            ptr = state[k].data_ptr()
+            if ptr in seen:
+                del state[k]
+            else:
+                seen[ptr] = k
+        save_file(state, os.path.join(tmp, WEIGHTS_NAME))
+        self.tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
+        if os.path.exists(path):
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+
+    @classmethod
+    def load(cls, path: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> SpeechLLM:
+        """Rebuild from the saved configs (nothing downloaded) and load the weights."""
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        with open(os.path.join(path, CONFIG_NAME)) as f:
+            cfg = json.load(f)
+        tok = AutoTokenizer.from_pretrained(os.path.join(path, "tokenizer"))
+        lm_cfg = dict(cfg.pop("lm_config"))
+        lm_config = AutoConfig.for_model(lm_cfg.pop("model_type"), **lm_cfg)
+        lm = AutoModelForCausalLM.from_config(lm_config)
+        if cfg["encoder"] == "toy":
+            enc: nn.Module = ToyEncoder(**cfg["toy_encoder"])
+            model = cls(cfg, enc, lm, tok)
+        else:
+            from transformers import WhisperConfig, WhisperFeatureExtractor
+            from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+            enc = WhisperAudioEncoder(WhisperEncoder(WhisperConfig(**cfg.pop("whisper_config"))))
+            model = cls(cfg, enc, lm, tok)
+            model.feature_extractor = WhisperFeatureExtractor.from_pretrained(
+                os.path.join(path, "feature_extractor"))
+        state = load_file(os.path.join(path, WEIGHTS_NAME))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        tied = {k for k in missing if k.endswith("lm_head.weight") and lm.config.tie_word_embeddings}
+        if set(missing) - tied or unexpected:
+            raise ValueError(f"{path}: checkpoint does not match: missing {missing}, unexpected {unexpected}")
+        lm.tie_weights()
+        return model.to(device=device, dtype=dtype).eval()
+
+
+def toy_tokenizer(words: list[str], prompt_token: str = "<asr>"):
+    """A word-level HF tokenizer (saved and loaded like any other) over the toy vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<eos>", prompt_token]
+    vocab = {w: i for i, w in enumerate(specials + words)}
+    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    t.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>", pad_token="<pad>",
+                                   eos_token="<eos>", additional_special_tokens=[prompt_token])
+
+
+def build_toy_asr(words: list[str], d_enc: int = 192, enc_layers: int = 4, d_lm: int = 256,
+                  lm_layers: int = 4, stack: int = 2, dropout: float = 0.1, seed: int = 0) -> SpeechLLM:
+    """The toy LLM-ASR: ToyEncoder + projector + a Qwen2ForCausalLM from a small config."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    tok = toy_tokenizer(words)
+    lm_cfg = Qwen2Config(vocab_size=len(tok), hidden_size=d_lm, intermediate_size=4 * d_lm,
+                         num_hidden_layers=lm_layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=2048, tie_word_embeddings=True,
+                         attention_dropout=dropout, pad_token_id=tok.pad_token_id,
+                         eos_token_id=tok.eos_token_id, bos_token_id=None)
+    toy_enc = {"d_model": d_enc, "n_layers": enc_layers, "n_heads": 4, "dropout": dropout}
+    cfg = {"encoder": "toy", "toy_encoder": toy_enc, "stack": stack, "prompt": "<asr>", "ctc": True}
+    return SpeechLLM(cfg, ToyEncoder(**toy_enc), Qwen2ForCausalLM(lm_cfg), tok)
+
+
+def load_real_asr(whisper_path: str, lm_path: str, prompt: str = "Transcribe the audio:",
+                  stack: int = 4, dtype: torch.dtype = torch.float32) -> SpeechLLM:
+    """A new LLM-ASR from local folders: a Whisper encoder and a causal LM. Nothing is
+    downloaded (local_files_only); the projector starts random."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, WhisperFeatureExtractor, WhisperModel
+
+    kw = {"local_files_only": True, "dtype": dtype}
+    whisper = WhisperModel.from_pretrained(whisper_path, **kw)
+    lm = AutoModelForCausalLM.from_pretrained(lm_path, **kw)
+    tok = AutoTokenizer.from_pretrained(lm_path, local_files_only=True)
+    if tok.eos_token_id is None:
+        raise ValueError(f"{lm_path}: the tokenizer has no eos token")
+    cfg = {"encoder": "whisper", "stack": stack, "prompt": prompt, "ctc": False}
+    model = SpeechLLM(cfg, WhisperAudioEncoder(whisper.get_encoder()), lm, tok)
+    model.feature_extractor = WhisperFeatureExtractor.from_pretrained(whisper_path, local_files_only=True)
+    return model.to(dtype)
+
+
+# ---------------------------------------------------------------- the rollout sampler
+def _pick(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+          generator: torch.Generator | None):
+    """One token per row: greedy at temperature 0, else sampled after top-k/top-p filtering.
+    Returns (token [N], its log-prob under the sampling distribution [N])."""
+    logits = logits.float()
+    if temperature <= 0:
+        tok = logits.argmax(-1)
+        return tok, torch.zeros_like(tok, dtype=torch.float32)
+    logits = logits / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        srt, idx = torch.sort(logits, dim=-1, descending=True)
+        cum = torch.softmax(srt, -1).cumsum(-1)
+        drop = cum - torch.softmax(srt, -1) >= top_p  # keep the smallest prefix reaching top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(1, idx, drop), float("-inf"))
+    logp = torch.log_softmax(logits, -1)
+    tok = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)
+    return tok, logp.gather(1, tok[:, None]).squeeze(1)
+
+
+@torch.no_grad()
+def sample(lm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+           max_new_tokens: int, eos_id: int, pad_id: int = 0, temperature: float = 1.0,
+           top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None):
+    """Batched autoregressive sampling with a KV cache from left-padded prompt embeddings.
+
+    Returns tokens [N, L] (pad after eos), lengths [N] (eos included; max_new_tokens if
+    no eos came), and the sampled tokens' log-probs [N, L] (0 where padded)."""
+    n = inputs_embeds.shape[0]
+    # transformers >= 5.2x renamed the cache argument; older 5.x only knows past_key_values
+    cache_kw = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+    pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    out = lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=pos,
+             use_cache=True, logits_to_keep=1)
+    cache, logits = out.past_key_values, out.logits[:, -1]
+    next_pos = pos[:, -1:] + 1  # [N, 1]
+    tokens, logps = [], []
+    done = torch.zeros(n, dtype=torch.bool, device=inputs_embeds.device)
+    lengths = torch.full((n,), max_new_tokens, dtype=torch.long, device=inputs_embeds.device)
+    for t in range(max_new_tokens):
+        tok, lp = _pick(logits, temperature, top_k, top_p, generator)
+        tok = tok.masked_fill(done, pad_id)
+        tokens.append(tok)
+        logps.append(lp.masked_fill(done, 0.0))
+        lengths = torch.where(~done & (tok == eos_id), t + 1, lengths)
+        done = done | (tok == eos_id)
+        if bool(done.all()) or t == max_new_tokens - 1:
+            break
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(n, 1)], 1)
+        out = lm(input_ids=tok[:, None], attention_mask=attention_mask, position_ids=next_pos,
+                 use_cache=True, **{cache_kw: cache})
+        cache, logits = out.past_key_values, out.logits[:, -1]
+        next_pos = next_pos + 1
+    return torch.stack(tokens, 1), lengths, torch.stack(logps, 1)
+
+
+# ---------------------------------------------------------------- batching and greedy decoding
+def collate(feats: list[tuple[torch.Tensor, int]], device: str | torch.device = "cpu"):
+    """Pad (features [T_i, 80], speech frames n_i) to x [B, T_max, 80] and lens [B] = n_i."""
+    lens = torch.tensor([n for _, n in feats])
+    x = torch.zeros(len(feats), max(f.shape[0] for f, _ in feats), feats[0][0].shape[1])
+    for i, (f, _) in enumerate(feats):
+        x[i, : f.shape[0]] = f
+    return x.to(device), lens.to(device)
+
+
+@torch.no_grad()
+def transcribe(model: SpeechLLM, feats: list[tuple[torch.Tensor, int]], batch_size: int = 64,
+               max_new_tokens: int = 64) -> tuple[list[str], list[bool]]:
+    """Greedy transcripts of many utterances (batched by length). Also returns, per
+    utterance, whether decoding hit max_new_tokens without an eos."""
+    was_training = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    order = sorted(range(len(feats)), key=lambda i: feats[i][1])
+    hyps, cut = [""] * len(feats), [False] * len(feats)
+    for s in range(0, len(order), batch_size):
+        idx = order[s : s + batch_size]
+        x, lens = collate([feats[i] for i in idx], dev)
+        audio, alens, _ = model.embed_audio(x, lens)
+        emb, mask, _, _ = model.build_inputs(audio, alens)
+        toks, lengths, _ = sample(model.lm, emb, mask, max_new_tokens, model.eos_id,
+                                  model.tokenizer.pad_token_id or 0, temperature=0.0)
+        for j, i in enumerate(idx):
+            hyps[i] = model.decode(toks[j, : lengths[j]].tolist())
+            cut[i] = bool(toks[j, lengths[j] - 1] != model.eos_id)
+    model.train(was_training)
+    return hyps, cut

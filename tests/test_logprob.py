@@ -1,0 +1,73 @@
+import pytest
+import torch
+
+import common.logprob as L
+from common.logprob import naive_token_logprobs, token_logprobs
+
+
+def _case(n, v, d, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = (torch.randn(n, d, generator=g) * 2).to(dtype).requires_grad_()
+    w = torch.randn(v, d, generator=g).to(dtype).requires_grad_()
+    y = torch.randint(0, v, (n,), generator=g)
+    return h, w, y
+
+
+def _naive_entropy(h, w):
+    logp = torch.log_softmax((h @ w.T).double(), -1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+@pytest.mark.parametrize("n, v, d", [(1, 2, 1), (7, 13, 5), (33, 1001, 17), (64, 50, 8)])
+def test_values_and_grads_equal_naive(n, v, d, monkeypatch):
+    monkeypatch.setattr(L, "CHUNK_ELEMS", 3 * v)  # force several chunks of 3 rows
+    h, w, y = _case(n, v, d)
+    lp, ent = token_logprobs(h, w, y, with_entropy=True)
+    ref = naive_token_logprobs(h, w, y)
+    torch.testing.assert_close(lp, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ent, _naive_entropy(h, w), rtol=1e-5, atol=1e-6)
+    assert (lp <= 0).all()
+    # gradients of a mix of both outputs, against autograd through the naive version
+    g1, g2 = torch.randn(n, dtype=torch.float64), torch.randn(n, dtype=torch.float64)
+    gh, gw = torch.autograd.grad((lp * g1).sum() + (ent * g2).sum(), (h, w))
+    rh, rw = torch.autograd.grad((ref * g1).sum() + (_naive_entropy(h, w) * g2).sum(), (h, w))
+    torch.testing.assert_close(gh, rh, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gw, rw, rtol=1e-5, atol=1e-6)
+
+
+def test_float32_matches_float64_reference():
+    h, w, y = _case(20, 300, 16, dtype=torch.float32)
+    lp = token_logprobs(h, w, y)
+    ref = naive_token_logprobs(h.double(), w.double(), y)
+    torch.testing.assert_close(lp.double(), ref, rtol=1e-5, atol=1e-5)
+    gh, gw = torch.autograd.grad(lp.sum(), (h, w))
+    hd, wd = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    rh, rw = torch.autograd.grad(naive_token_logprobs(hd, wd, y).sum(), (hd, wd))
+    torch.testing.assert_close(gh.double(), rh, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gw.double(), rw, rtol=1e-4, atol=1e-5)
+
+
+def test_qwen_sized_vocab_and_bf16():
+    # V = 151,936 (Qwen2.5): chunked, so the full logits never exist at once.
+    h, w, y = _case(6, 151_936, 32, dtype=torch.bfloat16)
+    lp = token_logprobs(h, w, y)
+    assert lp.dtype == torch.float32 and lp.shape == (6,)
+    ref = naive_token_logprobs(h.float(), w.float(), y)
+    torch.testing.assert_close(lp, ref, rtol=2e-2, atol=5e-2)  # bf16 matmul
+    lp.sum().backward()
+    assert h.grad.dtype == torch.bfloat16 and torch.isfinite(h.grad.float()).all()
+    assert w.grad.shape == w.shape
+
+
+def test_extreme_logits_never_positive():
+    h = torch.tensor([[100.0], [-100.0]])
+    w = torch.tensor([[1.0], [0.0], [-1.0]])
+    lp = token_logprobs(h, w, torch.tensor([0, 2]))
+    assert (lp <= 0).all() and torch.isfinite(lp).all()
+
+
+def test_shape_errors():
+    with pytest.raises(ValueError):
+        token_logprobs(torch.zeros(3, 4), torch.zeros(5, 3), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError):
+        token_logprobs(torch.zeros(3, 4), torch.zeros(5, 4), torch.zeros(2, dtype=torch.long))

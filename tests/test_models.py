@@ -1,0 +1,124 @@
+"""Real-checkpoint loading with tiny configs, minGPT-style parity with the transformers
+classes we wrap, checkpoint round trips, and the sampler against HF generate."""
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM, WhisperConfig, WhisperFeatureExtractor, WhisperModel
+
+from common.models import SpeechLLM, build_toy_asr, collate, load_real_asr, sample, toy_tokenizer, transcribe
+
+WORDS = ["one", "two", "three", "alpha", "bravo"]
+
+
+@pytest.fixture(scope="module")
+def real_dirs(tmp_path_factory):
+    """A tiny Whisper and a tiny Qwen2 (+ tokenizer) saved as HF folders."""
+    root = tmp_path_factory.mktemp("hf")
+    torch.manual_seed(0)
+    wcfg = WhisperConfig(d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=2,
+                         decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                         max_source_positions=100, num_mel_bins=80, vocab_size=60,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
+    WhisperModel(wcfg).save_pretrained(root / "whisper")
+    # 2 x 100 frames = 2 s: the feature extractor's window must match the tiny encoder
+    WhisperFeatureExtractor(feature_size=80, chunk_length=2).save_pretrained(root / "whisper")
+    tok = toy_tokenizer(WORDS)
+    qcfg = Qwen2Config(vocab_size=len(tok), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    Qwen2ForCausalLM(qcfg).save_pretrained(root / "qwen")
+    tok.save_pretrained(root / "qwen")
+    return str(root / "whisper"), str(root / "qwen")
+
+
+def _wav(seconds, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(int(16000 * seconds), generator=g) * 0.1
+
+
+def test_real_loading_and_whisper_parity(real_dirs):
+    wdir, qdir = real_dirs
+    model = load_real_asr(wdir, qdir, prompt="one two", stack=2).eval()
+    feats = [model.features(_wav(1.0)), model.features(_wav(0.5, 1))]
+    assert feats[0][0].shape == (200, 80) and [n for _, n in feats] == [100, 50]  # speech frames
+    x, lens = collate(feats)
+    h, hl = model.encoder(x, lens)
+    assert hl.tolist() == [50, 25]
+    # parity: our wrapper == transformers' WhisperModel encoder on the padded features
+    ref = WhisperModel.from_pretrained(wdir).encoder.eval()
+    full = model.feature_extractor(_wav(1.0).numpy(), sampling_rate=16000, return_tensors="pt",
+                                   padding="max_length", max_length=32000).input_features
+    torch.testing.assert_close(h[0], ref(full).last_hidden_state[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(h[1], ref(x[1:].transpose(1, 2)).last_hidden_state[0], rtol=1e-4, atol=1e-4)
+
+
+def test_lm_parity_with_transformers(real_dirs):
+    _, qdir = real_dirs
+    model = load_real_asr(real_dirs[0], qdir, prompt="one", stack=2).eval()
+    ref = Qwen2ForCausalLM.from_pretrained(qdir).eval()
+    audio = torch.randn(2, 5, 48)
+    emb, mask, pos, _ = model.build_inputs(audio, torch.tensor([5, 3]))
+    ours = model.lm.get_output_embeddings()(model.hidden(emb, mask, pos))
+    theirs = ref(inputs_embeds=emb, attention_mask=mask, position_ids=pos).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_build_inputs_left_pads_and_points_at_targets():
+    model = build_toy_asr(WORDS, d_enc=16, enc_layers=1, d_lm=16, lm_layers=1)
+    audio = torch.randn(2, 4, 16)
+    tg = [[5, 6, model.eos_id], [7, model.eos_id]]
+    emb, mask, pos, pred = model.build_inputs(audio, torch.tensor([4, 2]), tg)
+    L = 4 + 1 + 3  # audio + prompt + targets of the longest row
+    assert emb.shape == (2, L, 16) and mask[1].tolist() == [0, 0, 0, 1, 1, 1, 1, 1]
+    assert pos[1].tolist() == [0, 0, 0, 0, 1, 2, 3, 4]
+    # row 0 targets sit at 5..7, predicted from 4..6; row 1's at 6..7, from 5..6
+    assert pred.tolist() == [4, 5, 6, L + 5, L + 6]
+    tok_emb = model.lm.get_input_embeddings().weight
+    torch.testing.assert_close(emb[1, 6], tok_emb[7])
+
+
+@pytest.mark.parametrize("kind", ["toy", "whisper"])
+def test_checkpoint_roundtrip(tmp_path, real_dirs, kind):
+    if kind == "toy":
+        model = build_toy_asr(WORDS, d_enc=16, enc_layers=1, d_lm=16, lm_layers=1).eval()
+    else:
+        model = load_real_asr(*real_dirs, prompt="one", stack=2).eval()
+    model.save(str(tmp_path / "ck"))
+    model.save(str(tmp_path / "ck"))  # overwriting is atomic and leaves no .tmp/.old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+    back = SpeechLLM.load(str(tmp_path / "ck"))
+    f = [model.features(_wav(0.6))]
+    x, lens = collate(f)
+    a1, l1, _ = model.embed_audio(x, lens)
+    a2, l2, _ = back.embed_audio(x, lens)
+    torch.testing.assert_close(a1, a2)
+    assert transcribe(model, f, max_new_tokens=5) == transcribe(back, f, max_new_tokens=5)
+    torch.testing.assert_close(back.features(_wav(0.6))[0], f[0][0])
+
+
+def test_greedy_sampler_equals_hf_generate():
+    torch.manual_seed(0)
+    lm = Qwen2ForCausalLM(Qwen2Config(vocab_size=40, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2)).eval()
+    emb = torch.randn(3, 6, 32)
+    mask = torch.ones(3, 6, dtype=torch.long)
+    mask[1, :2] = 0  # left padding
+    mask[2, :4] = 0
+    toks, lengths, _ = sample(lm, emb, mask, max_new_tokens=8, eos_id=39, temperature=0.0)
+    ref = lm.generate(inputs_embeds=emb, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                      eos_token_id=39, pad_token_id=0)
+    assert toks.tolist() == ref[:, : toks.shape[1]].tolist()
+
+
+def test_sampler_frequencies_match_the_distribution():
+    torch.manual_seed(0)
+    lm = Qwen2ForCausalLM(Qwen2Config(vocab_size=6, hidden_size=16, intermediate_size=32,
+                                      num_hidden_layers=1, num_attention_heads=2,
+                                      num_key_value_heads=1)).eval()
+    emb = torch.randn(1, 3, 16).expand(4000, 3, 16)
+    mask = torch.ones(4000, 3, dtype=torch.long)
+    toks, _, lps = sample(lm, emb, mask, max_new_tokens=1, eos_id=5, temperature=1.0,
+                          generator=torch.Generator().manual_seed(0))
+    p = torch.softmax(lm(inputs_embeds=emb[:1], attention_mask=mask[:1]).logits[0, -1], -1)
+    freq = torch.bincount(toks[:, 0], minlength=6).float() / 4000
+    assert (freq - p).abs().max() < 0.03
+    torch.testing.assert_close(lps[:, 0], p.log()[toks[:, 0]], rtol=1e-4, atol=1e-4)

@@ -1,0 +1,69 @@
+import json
+import os
+import random
+
+import pytest
+
+from common.metrics import normalize
+from common.toy import (
+    KEYWORDS,
+    TRAIN_VOICES,
+    UNSEEN_VOICES,
+    build_toy_world,
+    number_words,
+    ordinal_words,
+    recipe,
+    recipe_hash,
+    sentence,
+    speakable,
+    vocabulary,
+)
+
+
+@pytest.mark.parametrize("n, words", [
+    (0, "zero"), (13, "thirteen"), (40, "forty"), (312, "three hundred twelve"),
+    (1000, "one thousand"), (2_400_017, "two million four hundred thousand seventeen"),
+    (999_999_999, "nine hundred ninety nine million nine hundred ninety nine thousand "
+                  "nine hundred ninety nine"),
+])
+def test_number_words(n, words):
+    assert number_words(n) == words
+
+
+def test_ordinals_and_speakable():
+    assert [ordinal_words(i) for i in (1, 2, 12, 20, 21, 30, 31)] == [
+        "first", "second", "twelfth", "twentieth", "twenty first", "thirtieth", "thirty first"]
+    assert speakable("seven oclock pm xray") == "seven o'clock p.m. x-ray"
+
+
+def test_grammar_is_normalised_and_closed():
+    rng, vocab = random.Random(1), set(vocabulary())
+    for _ in range(2000):
+        s = sentence(rng)
+        assert s == normalize(s)  # transcripts are already in normal form
+        assert set(s.split()) <= vocab
+    assert {"alpha", "march", "monday"} <= set(KEYWORDS)
+
+
+def test_recipe_hash_changes_with_recipe():
+    assert recipe_hash(recipe()) == recipe_hash(recipe())
+    assert recipe_hash(recipe({"train": 3})) != recipe_hash(recipe({"train": 4}))
+
+
+def test_tiny_build_is_split_by_voice_and_cached(tmp_path):
+    sizes = {"train": 6, "dev": 2, "test-seen": 2, "test-unseen": 3}
+    m = build_toy_world(sizes, root=str(tmp_path), progress=False)
+    rows = {s: [json.loads(x) for x in open(p)] for s, p in m.items()}
+    assert {s: len(r) for s, r in rows.items()} == sizes
+    train_voices = {f"{e}:{v}" for e, v, _ in TRAIN_VOICES}
+    assert {r["speaker"] for r in rows["train"]} <= train_voices
+    assert {r["speaker"] for r in rows["test-unseen"]} == {f"{e}:{v}" for e, v, _ in UNSEEN_VOICES}
+    texts = [r["text"] for rs in rows.values() for r in rs]
+    assert len(texts) == len(set(texts))  # no sentence in two splits
+    for r in rows["dev"]:
+        path = os.path.join(os.path.dirname(m["dev"]), r["audio"])
+        assert os.path.isfile(path) and r["duration"] > 0.3
+        assert r["keywords"] == [w for w in r["text"].split() if w in KEYWORDS]
+    stamp = os.path.getmtime(m["train"])
+    assert build_toy_world(sizes, root=str(tmp_path), progress=False) == m  # cached: no rebuild
+    assert os.path.getmtime(m["train"]) == stamp

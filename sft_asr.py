@@ -47,7 +47,7 @@ class Args:
     """utterances per step"""
     lr: float = 1e-3
     """peak learning rate (AdamW); halved each time dev WER does not improve"""
-    warmup: int = 300
+    warmup: int = 100
     """linear warm-up steps"""
     ctc_weight: float = 1.0
     """weight of the auxiliary CTC loss on the encoder (toy world; 0 = off)"""
@@ -77,6 +77,8 @@ class Args:
     """cpu or cuda"""
     bf16: bool = torch.cuda.is_available()
     """bf16 autocast on CUDA"""
+    threads: int = 0
+    """CPU threads (0 = all cores)"""
     resume: bool = True
     """continue from out_dir/last if it exists"""
 
@@ -107,7 +109,7 @@ def main(a: Args) -> dict:
     torch.manual_seed(a.seed)
     random.seed(a.seed)
     if a.device == "cpu":
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(a.threads or os.cpu_count() or 1)
     if not a.data:
         world = build_toy_world()
         a.data, a.dev_data = world["train"], a.dev_data or world["dev"]

@@ -92,8 +92,8 @@ class SpeechLLM(nn.Module):
     def features(self, wav: torch.Tensor) -> tuple[torch.Tensor, int]:
         """16 kHz audio [samples] -> (features [frames, 80], frames that hold speech)."""
         if self.cfg["encoder"] == "toy":
-            x = log_mel(wav)
-            return x - x.mean(0, keepdim=True), x.shape[0]  # per-utterance mean normalisation
+            x = log_mel(wav)  # per-utterance mean and variance normalisation (CMVN)
+            return (x - x.mean(0, keepdim=True)) / (x.std(0, keepdim=True) + 1e-5), x.shape[0]
         fe = self.feature_extractor
         n = self.encoder.n_frames * fe.hop_length
         x = fe(wav.numpy(), sampling_rate=fe.sampling_rate, return_tensors="pt",

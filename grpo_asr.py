@@ -185,6 +185,12 @@ def rewards(utt: Utt, hyp: str, a: Args, lexicon: set[str]) -> dict[str, float]:
     return r
 
 
+def reward_means(terms: list[dict[str, float]]) -> dict[str, float]:
+    """Mean of each reward term over the samples that have it (R3 only where keywords exist)."""
+    keys = sorted({k for t in terms for k in t})
+    return {f"rewards/{k}/mean": sum(t[k] for t in terms if k in t) / sum(k in t for t in terms) for k in keys}
+
+
 def total_reward(r: dict[str, float], a: Args) -> float:
     w = {"acc": a.w_acc, "halluc": a.w_halluc, "keyword": a.w_keyword, "exact": a.w_exact,
          "edit": a.w_edit}
@@ -482,7 +488,7 @@ def main(a: Args) -> dict:
         n_tok = int(lens.sum())
         clipped = [lens[i] == a.max_new_tokens and toks[i, -1] != model.eos_id for i in range(len(seqs))]
         rec = {"step": step, "reward": float(r.mean()), "reward_std": float(r.std(1).mean()),
-               **{f"rewards/{k}/mean": sum(t.get(k, 0.0) for t in terms) / len(terms) for k in terms[0]},
+               **reward_means(terms),
                "frac_reward_zero_std": float(zero_std.float().mean()), **stats,
                "completions/mean_length": n_tok / len(seqs), "completions/min_length": int(lens.min()),
                "completions/max_length": int(lens.max()),

@@ -43,19 +43,21 @@ class Args:
     """start from this SpeechLLM checkpoint instead"""
     out_dir: str = "runs/sft_asr"
     """where checkpoints (best/, last/), dev_curve.jsonl and summary.json go"""
-    batch_size: int = 32
+    batch_size: int = 16
     """utterances per step"""
     lr: float = 1e-3
-    """peak learning rate (AdamW); halved each time dev WER does not improve"""
+    """peak learning rate (AdamW); halved after every 2 dev evaluations without improvement"""
     warmup: int = 100
     """linear warm-up steps"""
     ctc_weight: float = 1.0
     """weight of the auxiliary CTC loss on the encoder (toy world; 0 = off)"""
-    eval_every: int = 250
+    eval_every: int = 200
     """steps between dev evaluations"""
-    patience: int = 3
+    patience: int = 4
     """stop after this many dev evaluations without improvement"""
-    max_minutes: float = 20.0
+    min_steps: int = 600
+    """no plateau counting before this step (early dev WER is noisy)"""
+    max_minutes: float = 16.0
     """wall-clock budget for training"""
     max_steps: int = 0
     """stop after this many steps (0 = no limit; early stopping decides)"""
@@ -65,11 +67,17 @@ class Args:
     """decoding limit"""
     d_enc: int = 192
     """toy encoder width"""
-    d_lm: int = 256
+    d_lm: int = 192
     """toy LM width"""
+    stack: int = 4
+    """encoder frames stacked per LM position (toy: 4 x 40 ms = 160 ms)"""
+    ctc_embed: bool = True
+    """toy: add CTC-posterior-weighted token embeddings to the audio embeddings (LegoSLM-style)"""
+    conv_blocks: int = 3
+    """toy encoder: residual conv blocks before the transformer"""
     enc_layers: int = 4
     """toy encoder transformer layers"""
-    lm_layers: int = 4
+    lm_layers: int = 2
     """toy LM (Qwen2) layers"""
     seed: int = 0
     """random seed"""
@@ -102,7 +110,8 @@ def make_model(a: Args) -> SpeechLLM:
             raise SystemExit("a real model needs both --whisper and --lm")
         return load_real_asr(a.whisper, a.lm)
     return build_toy_asr(vocabulary(), d_enc=a.d_enc, enc_layers=a.enc_layers, d_lm=a.d_lm,
-                         lm_layers=a.lm_layers, seed=a.seed)
+                         lm_layers=a.lm_layers, stack=a.stack, ctc_embed=a.ctc_embed,
+                         conv_blocks=a.conv_blocks, seed=a.seed)
 
 
 def main(a: Args) -> dict:
@@ -178,9 +187,10 @@ def main(a: Args) -> dict:
                 if m["wer"] < st["best"]:
                     st["best"], st["bad"] = m["wer"], 0
                     model.save(os.path.join(a.out_dir, "best"))
-                elif st["step"] > a.warmup:  # plateau: halve the lr, and count towards stopping
+                elif st["step"] >= a.min_steps:  # a plateau: count it, halve the lr every 2nd
                     st["bad"] += 1
-                    st["lr_scale"] *= 0.5
+                    if st["bad"] % 2 == 0:
+                        st["lr_scale"] *= 0.5
                 model.save(last)
                 torch.save({"opt": opt.state_dict(), "state": st, "rng": torch.get_rng_state()},
                            os.path.join(last, "train_state.pt"))

@@ -2,9 +2,11 @@
 
 The naive way, ``log_softmax(h @ W.T).gather(y)``, materialises a [N, V] logits tensor
 (and autograd keeps it, plus its softmax, for backward). With V = 151,936 and N = 16k
-tokens that is ~10 GB in fp32. Here rows are processed in chunks: the forward keeps only
-the per-row log-sum-exp, and the backward *recomputes* each chunk's logits instead of
-storing them. Peak extra memory is one [chunk, V] block.
+tokens that is ~10 GB in fp32. Here the forward walks over chunks of *rows* and keeps
+only the per-row log-sum-exp and entropy; the backward *recomputes* the logits, walking
+over chunks of the *vocabulary*, so each chunk writes its own rows of dW once (no [V, d]
+accumulation per chunk) and only the small dh [N, d] accumulates. Peak extra memory is
+one chunk of about CHUNK_ELEMS logits.
 
     lp, ent = token_logprobs(hidden, weight, targets, with_entropy=True)
 
@@ -21,6 +23,7 @@ CHUNK_ELEMS = 1 << 25
 
 
 def _chunk_rows(n: int, v: int) -> int:
+    """How many of n rows fit in one chunk when each row holds v logits."""
     return max(1, min(n, CHUNK_ELEMS // max(v, 1)))
 
 
@@ -38,15 +41,16 @@ def _fwd_chunk(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor):
     return lp.clamp(max=0.0), ent, lse  # rounding can give +1e-7; a log-prob is never positive
 
 
-def _bwd_chunk(h, w, y, g_lp, g_ent, lse, ent):
-    z = _acc(h @ w.T)  # recompute, [c, V]
+def _bwd_chunk(h, w_c, y_c, g_lp, g_ent, lse, ent):
+    """One vocabulary chunk w_c [Vc, d]; y_c [N] = target index inside the chunk (or -1)."""
+    z = _acc(h @ w_c.T)  # recompute, [N, Vc]
     logp = z - lse[:, None]
     p = logp.exp()
-    # d/dz of (g_lp * lp + g_ent * H): g_lp (onehot - p) - g_ent p (log p + H)
-    gz = -p * (g_lp[:, None] + g_ent[:, None] * (logp + ent[:, None]))  # [c, V]
-    gz.scatter_add_(1, y[:, None], g_lp[:, None])
+    # d/dz of (g_lp * lp + g_ent * H) = g_lp (onehot - p) - g_ent p (log p + H)
+    onehot = torch.arange(z.shape[1], device=z.device)[None] == y_c[:, None]  # [N, Vc]
+    gz = torch.where(onehot, g_lp[:, None], 0.0) - p * (g_lp[:, None] + g_ent[:, None] * (logp + ent[:, None]))
     gz = gz.to(h.dtype)
-    return gz @ w, gz.T @ h  # [c, d], [V, d]
+    return gz @ w_c, gz.T @ h  # [N, d] (to accumulate), [Vc, d] (this chunk's rows of dW)
 
 
 _compiled: dict[str, object] = {}
@@ -86,19 +90,17 @@ class _TokenLogprobs(torch.autograd.Function):
         n, v = hidden.shape[0], weight.shape[0]
         g_lp = torch.zeros_like(lse) if g_lp is None else g_lp.to(lse.dtype)
         g_ent = torch.zeros_like(lse) if g_ent is None else g_ent.to(lse.dtype)
-        gh = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        gw = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device) \
-            if ctx.needs_input_grad[1] else None
+        gh = torch.zeros(hidden.shape, dtype=lse.dtype, device=hidden.device)
+        gw = torch.empty_like(weight)
         bwd = _maybe_compiled(_bwd_chunk, hidden.device)
-        step = _chunk_rows(n, v)
-        for s in range(0, n, step):
-            sl = slice(s, s + step)
-            gh_c, gw_c = bwd(hidden[sl], weight, targets[sl], g_lp[sl], g_ent[sl], lse[sl], ent[sl])
-            if gh is not None:
-                gh[sl] = gh_c
-            if gw is not None:
-                gw += gw_c.to(gw.dtype)
-        return gh, (gw.to(weight.dtype) if gw is not None else None), None
+        step = _chunk_rows(v, n)  # vocabulary entries per chunk
+        for s in range(0, v, step):
+            w_c = weight[s : s + step]
+            y_c = torch.where((targets >= s) & (targets < s + w_c.shape[0]), targets - s, -1)
+            gh_c, gw[s : s + step] = bwd(hidden, w_c, y_c, g_lp, g_ent, lse, ent)
+            gh += gh_c
+        return (gh.to(hidden.dtype) if ctx.needs_input_grad[0] else None,
+                gw if ctx.needs_input_grad[1] else None, None)
 
 
 def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,

@@ -26,22 +26,37 @@ WEIGHTS_NAME = "model.safetensors"
 
 
 # ---------------------------------------------------------------- encoders
+class ConvBlock(nn.Module):
+    """Residual 1-D conv block: local acoustic patterns learn fast on small data."""
+
+    def __init__(self, d: int, kernel: int = 5):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.conv = nn.Conv1d(d, d, kernel, padding=kernel // 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, d]
+        return x + F.gelu(self.conv(self.norm(x).transpose(1, 2)).transpose(1, 2))
+
+
 class ToyEncoder(nn.Module):
-    """Two stride-2 convs (10 ms -> 40 ms frames) and a pre-norm transformer."""
+    """Two stride-2 convs (10 ms -> 40 ms frames), residual conv blocks and a pre-norm
+    transformer."""
 
     def __init__(self, n_mels: int = 80, d_model: int = 192, n_layers: int = 4, n_heads: int = 4,
-                 dropout: float = 0.1):
+                 dropout: float = 0.1, conv_blocks: int = 0):
         super().__init__()
         self.d_model = d_model
         self.conv = nn.Sequential(nn.Conv1d(n_mels, d_model, 3, 2, 1), nn.GELU(),
                                   nn.Conv1d(d_model, d_model, 3, 2, 1), nn.GELU())
+        self.in_norm = nn.LayerNorm(d_model)  # puts the conv output on the scale of the positions
+        self.blocks = nn.Sequential(*[ConvBlock(d_model) for _ in range(conv_blocks)])
         layer = nn.TransformerEncoderLayer(d_model, n_heads, 4 * d_model, dropout,
                                            activation="gelu", batch_first=True, norm_first=True)
         self.layers = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(d_model)
 
     def forward(self, feats: torch.Tensor, lens: torch.Tensor):
-        x = self.conv(feats.transpose(1, 2)).transpose(1, 2)  # [B, T/4, d]
+        x = self.blocks(self.in_norm(self.conv(feats.transpose(1, 2)).transpose(1, 2)))  # [B, T/4, d]
         lens = (lens + 3) // 4
         t = torch.arange(x.shape[1], device=x.device)
         half = self.d_model // 2  # sinusoidal positions: no length limit
@@ -85,6 +100,8 @@ class SpeechLLM(nn.Module):
         self.projector = nn.Sequential(nn.Linear(encoder.d_model * cfg["stack"], d_lm), nn.GELU(),
                                        nn.Linear(d_lm, d_lm))
         self.ctc_head = nn.Linear(encoder.d_model, len(tokenizer) + 1) if cfg.get("ctc") else None
+        if cfg.get("ctc_embed"):  # token embeddings have std initializer_range; the projector's ~1
+            self.ctc_gain = nn.Parameter(torch.tensor(1.0 / lm.config.initializer_range))
         self.prompt_ids = tokenizer(cfg["prompt"], add_special_tokens=False).input_ids
         self.eos_id = tokenizer.eos_token_id
 
@@ -111,7 +128,13 @@ class SpeechLLM(nn.Module):
         if te == 0:
             raise ValueError("audio shorter than one projector frame")
         x = h[:, :te].reshape(h.shape[0], te // k, k * h.shape[2])  # [B, Te/k, k*d_enc]
-        x = self.projector(x.to(self.projector[0].weight.dtype))
+        x = self.projector(x.to(self.projector[0].weight.dtype))  # [B, Te/k, d_lm]
+        if self.cfg.get("ctc_embed"):
+            # LegoSLM-style: the CTC head's token posteriors (blank dropped) weight the LM's
+            # own input embeddings, so the LM sees which words fired, in its own space.
+            post = torch.softmax(self.ctc_head(h[:, :te]).float(), -1)[..., :-1]  # [B, Te, V]
+            e = post.to(x.dtype) @ self.lm.get_input_embeddings().weight  # [B, Te, d_lm]
+            x = x + self.ctc_gain * e.view(x.shape[0], te // k, k, -1).sum(2)
         return x, (hl // k).clamp(min=1, max=te // k), (h, hl)
 
     def build_inputs(self, audio: torch.Tensor, audio_lens: torch.Tensor,
@@ -227,7 +250,8 @@ def toy_tokenizer(words: list[str], prompt_token: str = "<asr>"):
 
 
 def build_toy_asr(words: list[str], d_enc: int = 192, enc_layers: int = 4, d_lm: int = 256,
-                  lm_layers: int = 4, stack: int = 2, dropout: float = 0.1, seed: int = 0) -> SpeechLLM:
+                  lm_layers: int = 4, stack: int = 2, dropout: float = 0.1, ctc_embed: bool = True,
+                  conv_blocks: int = 0, seed: int = 0) -> SpeechLLM:
     """The toy LLM-ASR: ToyEncoder + projector + a Qwen2ForCausalLM from a small config."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -238,8 +262,10 @@ def build_toy_asr(words: list[str], d_enc: int = 192, enc_layers: int = 4, d_lm:
                          max_position_embeddings=2048, tie_word_embeddings=True,
                          attention_dropout=dropout, pad_token_id=tok.pad_token_id,
                          eos_token_id=tok.eos_token_id, bos_token_id=None)
-    toy_enc = {"d_model": d_enc, "n_layers": enc_layers, "n_heads": 4, "dropout": dropout}
-    cfg = {"encoder": "toy", "toy_encoder": toy_enc, "stack": stack, "prompt": "<asr>", "ctc": True}
+    toy_enc = {"d_model": d_enc, "n_layers": enc_layers, "n_heads": 4, "dropout": dropout,
+               "conv_blocks": conv_blocks}
+    cfg = {"encoder": "toy", "toy_encoder": toy_enc, "stack": stack, "prompt": "<asr>", "ctc": True,
+           "ctc_embed": ctc_embed}
     return SpeechLLM(cfg, ToyEncoder(**toy_enc), Qwen2ForCausalLM(lm_cfg), tok)
 
 

@@ -188,7 +188,8 @@ def rewards(utt: Utt, hyp: str, a: Args, lexicon: set[str]) -> dict[str, float]:
 def reward_means(terms: list[dict[str, float]]) -> dict[str, float]:
     """Mean of each reward term over the samples that have it (R3 only where keywords exist)."""
     keys = sorted({k for t in terms for k in t})
-    return {f"rewards/{k}/mean": sum(t[k] for t in terms if k in t) / sum(k in t for t in terms) for k in keys}
+    return {f"rewards/{k}/mean": sum(t[k] for t in terms if k in t) / sum(k in t for t in terms)
+            for k in keys}
 
 
 def total_reward(r: dict[str, float], a: Args) -> float:

@@ -48,7 +48,8 @@ def _bwd_chunk(h, w_c, y_c, g_lp, g_ent, lse, ent):
     p = logp.exp()
     # d/dz of (g_lp * lp + g_ent * H) = g_lp (onehot - p) - g_ent p (log p + H)
     onehot = torch.arange(z.shape[1], device=z.device)[None] == y_c[:, None]  # [N, Vc]
-    gz = torch.where(onehot, g_lp[:, None], 0.0) - p * (g_lp[:, None] + g_ent[:, None] * (logp + ent[:, None]))
+    gz = torch.where(onehot, g_lp[:, None], 0.0) \
+        - p * (g_lp[:, None] + g_ent[:, None] * (logp + ent[:, None]))  # [N, Vc]
     gz = gz.to(h.dtype)
     return gz @ w_c, gz.T @ h  # [N, d] (to accumulate), [Vc, d] (this chunk's rows of dW)
 

@@ -144,8 +144,9 @@ def tiny(tmp_path_factory):
 
 def _run_args(tiny, out, **kw):
     world, init = tiny
-    base = dict(data=world["train"], dev_data=world["dev"], test_data=[world["test-seen"], world["test-unseen"]],
-                init=init, out_dir=str(out), steps=2, batch_size=2, group_size=3, max_new_tokens=6,
+    base = dict(data=world["train"], dev_data=world["dev"],
+                test_data=[world["test-seen"], world["test-unseen"]], init=init, out_dir=str(out),
+                steps=2, batch_size=2, group_size=3, max_new_tokens=6,
                 lr=1e-2, eval_every=1)
     return g.Args(**{**base, **kw})
 
@@ -160,9 +161,9 @@ def test_two_step_smoke_changes_the_lm_only(tiny, tmp_path):
     assert set(s["before"]["test-seen"]) >= {"wer", "sub", "del", "ins", "halluc", "kw_recall"}
     rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2]
-    for key in ("reward", "reward_std", "rewards/acc/mean", "frac_reward_zero_std", "kl", "clip_ratio/low_mean",
-                "entropy", "completions/mean_length", "completions/clipped_ratio", "sampling_tok_s",
-                "update_tok_s", "peak_mem_mb"):
+    for key in ("reward", "reward_std", "rewards/acc/mean", "frac_reward_zero_std", "kl",
+                "clip_ratio/low_mean", "entropy", "completions/mean_length", "completions/clipped_ratio",
+                "sampling_tok_s", "update_tok_s", "peak_mem_mb"):
         assert key in rows[0], key
     saved = json.load(open(tmp_path / "summary.json"))
     assert saved["final"].endswith("best") and saved["steps"] == 2

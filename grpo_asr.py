@@ -431,7 +431,9 @@ def main(a: Args) -> dict:
     model.save(os.path.join(a.out_dir, "best"))
 
     # Only the LM learns; the encoder and projector are the frozen audio front end (SPEC F1).
-    model.requires_grad_(False)
+    # Dropout stays off (eval mode) throughout: π_θ, π_old and π_ref must be the same function
+    # of θ, so that ρ = 1 exactly at μ = 1 (Eq. G7) and the KL starts at 0.
+    model.eval().requires_grad_(False)
     model.lm.requires_grad_(True)
     ref = reference_model(model.lm) if a.beta > 0 else None  # π_ref (Eq. G5); β = 0 never builds it
     opt = torch.optim.AdamW(model.lm.parameters(), lr=a.lr, weight_decay=0.0)
@@ -450,7 +452,6 @@ def main(a: Args) -> dict:
             audio, al, _ = model.embed_audio(x, xl)  # [B, T', d]
         audio, al = audio.repeat_interleave(G, 0), al.repeat_interleave(G, 0)  # [B*G, T', d]
         # 2. Rollout: G samples per utterance from π_old = π_θ (Eq. G1).
-        model.eval()
         emb, mask, _, _ = model.build_inputs(audio, al)
         toks, lens, _ = sample(model.lm, emb, mask, a.max_new_tokens, model.eos_id,
                                model.tokenizer.pad_token_id or 0, a.temperature, a.top_k, a.top_p, gen)
@@ -475,7 +476,6 @@ def main(a: Args) -> dict:
             with torch.no_grad():  # ℓ(old) once, right after sampling (Eq. G7); ℓ(ref) for Eq. G5
                 lp_old, _ = sequence_logprobs(model, model.lm, aud, aln, keep_seqs, a)  # [N, L]
                 lp_ref = sequence_logprobs(model, ref, aud, aln, keep_seqs, a)[0] if ref is not None else None
-            model.train()
             for _ in range(a.mu):  # μ inner updates on one rollout (Eq. G7)
                 lp, ent = sequence_logprobs(model, model.lm, aud, aln, keep_seqs, a)  # [N, L]
                 loss, stats = grpo_loss(lp, lp_old, lp_ref, A, lmask, a, G if not a.drop_zero_std else 1)

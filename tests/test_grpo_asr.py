@@ -165,6 +165,8 @@ def test_two_step_smoke_changes_the_lm_only(tiny, tmp_path):
                 "clip_ratio/low_mean", "entropy", "completions/mean_length", "completions/clipped_ratio",
                 "sampling_tok_s", "update_tok_s", "peak_mem_mb"):
         assert key in rows[0], key
+    # step 1: π_θ = π_old = π_ref, dropout off -> ρ = 1 (nothing clipped) and KL = 0
+    assert rows[0]["kl"] < 1e-6 and rows[0]["clip_ratio/region_mean"] == 0.0
     saved = json.load(open(tmp_path / "summary.json"))
     assert saved["final"].endswith("best") and saved["steps"] == 2
 

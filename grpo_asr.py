@@ -35,7 +35,7 @@ class Args:
     """GRPO for the LLM-ASR (toy world by default)."""
 
     data: str = ""
-    """RL manifest (.jsonl) or Kaldi dir; empty = the toy world's train split"""
+    """RL manifest (.jsonl) or Kaldi dir; empty = the toy world's rl split"""
     dev_data: str = ""
     """dev manifest (best checkpoint is chosen on it); empty = toy dev"""
     test_data: list[str] = field(default_factory=list)
@@ -396,7 +396,7 @@ def main(a: Args) -> dict:
     toy = not a.data
     if toy:
         world = build_toy_world()
-        a.data, a.dev_data = world["train"], a.dev_data or world["dev"]
+        a.data, a.dev_data = world["rl"], a.dev_data or world["dev"]  # RL data SFT never saw
         a.test_data = a.test_data or [world["test-seen"], world["test-unseen"]]
     if not a.init:
         if not toy:

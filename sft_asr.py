@@ -229,8 +229,8 @@ def toy_warm_start() -> str:
     a = Args()
     world = build_toy_world()
     recipe = {k: v for k, v in asdict(a).items() if k not in ("threads", "resume", "out_dir")}
-    world_id = os.path.basename(os.path.dirname(os.path.dirname(world["train"])))  # toy-<hash>
-    key = hashlib.sha1(json.dumps([world_id, recipe], sort_keys=True, default=str).encode()).hexdigest()[:10]
+    data = [open(world[s], "rb").read().decode() for s in ("train", "dev")]  # what SFT reads
+    key = hashlib.sha1(json.dumps([data, recipe], sort_keys=True, default=str).encode()).hexdigest()[:10]
     a.out_dir = os.path.join(cache_root(), f"asr-sft-{key}")
     if not os.path.isfile(os.path.join(a.out_dir, "summary.json")):
         main(a)

@@ -4,6 +4,7 @@ digit strings and NATO call signs. Splits are by voice:
 
     train, dev, test-seen   voices in TRAIN_VOICES (disjoint sentences)
     test-unseen             voices in UNSEEN_VOICES, which training never hears
+    rl                      voices in TRAIN_VOICES, new sentences, for RL (never used by SFT)
 
 `build_toy_world()` is one call; it is cached under $SPEECHRL_CACHE (default: .cache
 in the repository) in a folder named by the hash of its recipe, so it is rebuilt only
@@ -140,7 +141,11 @@ TRAIN_VOICES = [
 ]
 UNSEEN_VOICES = [("espeak", "en-gb-scotland+m7", "m"), ("espeak", "en-us+f5", "f"),
                  ("flite", "awb", "m")]
-DEFAULT_SIZES = {"train": 4000, "dev": 300, "test-seen": 300, "test-unseen": 300}
+# `rl`: new sentences by the training voices that SFT never trains on. The SFT model fits
+# its own training set almost perfectly, so GRPO there sees all-equal groups and no signal;
+# RL needs utterances the warm start has not memorised (listed last: the others keep
+# their sentences).
+DEFAULT_SIZES = {"train": 4000, "dev": 300, "test-seen": 300, "test-unseen": 300, "rl": 2000}
 
 
 def synthesize(engine: str, voice: str, text: str, rate: float, out_path: str) -> float:

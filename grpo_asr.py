@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from common import parse_args
-from common.data import Skips, Utt, load_audio_items, read_data
+from common.data import Skips, Utt, load_audio_items, read_data, set_name
 from common.logprob import token_logprobs
 from common.metrics import corpus_error, edit_ops, error_rate, normalize
 from common.models import SpeechLLM, collate, sample, transcribe
@@ -352,12 +352,6 @@ def write_manifest(path: str, utts: list[Utt]) -> None:
             f.write(json.dumps({"key": u.key, "audio": u.audio, "text": u.text, "speaker": u.speaker,
                                 "keywords": u.keywords, "duration": u.duration}) + "\n")
     os.replace(path + ".tmp", path)
-
-
-def set_name(path: str) -> str:
-    """A manifest's set name: its folder's name, or failing that its file stem."""
-    folder = os.path.basename(os.path.dirname(os.path.abspath(path)))
-    return folder or os.path.splitext(os.path.basename(path))[0]
 
 
 def plot(out_dir: str, log: list[dict], dev: list[dict]) -> None:

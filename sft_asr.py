@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import parse_args
-from common.data import Skips, length_batches, load_audio_items, read_data
+from common.data import Skips, length_batches, load_audio_items, read_data, set_name
 from common.logprob import token_logprobs
 from common.metrics import corpus_error
 from common.models import SpeechLLM, build_toy_asr, collate, load_real_asr, transcribe
@@ -216,12 +216,6 @@ def main(a: Args) -> dict:
     for name, m in results.items():
         print(f"{name:12s} WER {m['wer']:.4f} (sub {m['sub']:.4f} del {m['del']:.4f} ins {m['ins']:.4f})")
     return summary
-
-
-def set_name(path: str) -> str:
-    """A manifest's set name: its folder's name, or failing that its file stem."""
-    parent = os.path.basename(os.path.dirname(os.path.abspath(path)))
-    return parent or os.path.splitext(os.path.basename(path))[0]
 
 
 def toy_warm_start() -> str:

@@ -158,6 +158,12 @@ def read_data(path: str, skips: Skips) -> list[Utt]:
     return utts
 
 
+def set_name(path: str) -> str:
+    """A manifest's set name: its folder's name, or failing that its file stem."""
+    folder = os.path.basename(os.path.dirname(os.path.abspath(path)))
+    return folder or os.path.splitext(os.path.basename(path))[0]
+
+
 def load_audio_items(utts: list[Utt], skips: Skips, max_seconds: float,
                      progress: bool = False) -> list[tuple[Utt, torch.Tensor]]:
     """Read each utterance's audio (16 kHz mono); bad audio is skipped and counted."""

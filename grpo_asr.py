@@ -126,6 +126,8 @@ class Args:
     """cpu or cuda"""
     bf16: bool = torch.cuda.is_available()
     """bf16 autocast for the policy forward on CUDA"""
+    resume: bool = True
+    """continue from out_dir/last (saved at every dev evaluation) if it exists"""
 
 
 # ------------------------------------------------------------------ rewards (SPEC §2)
@@ -422,7 +424,10 @@ def main(a: Args) -> dict:
     before = {name: evaluate(model, u, f, a, lexicon) for name, (u, f) in tests.items()}
     dev_log = [{"step": 0, **evaluate(model, dev_utts, dev_feats, a, lexicon)}]
     best_wer = dev_log[0]["wer"]
-    model.save(os.path.join(a.out_dir, "best"))
+    state_path = os.path.join(a.out_dir, "last", "train_state.pt")
+    resuming = a.resume and os.path.isfile(state_path)
+    if not resuming:
+        model.save(os.path.join(a.out_dir, "best"))
 
     # Only the LM learns; the encoder and projector are the frozen audio front end (SPEC F1).
     # Dropout stays off (eval mode) throughout: π_θ, π_old and π_ref must be the same function
@@ -434,7 +439,26 @@ def main(a: Args) -> dict:
     gen = torch.Generator(device=a.device).manual_seed(a.seed)  # rollout sampling
     B, G = a.batch_size, a.group_size
     log: list[dict] = []
-    bar = tqdm(range(1, a.steps + 1), desc="grpo")
+    start = 1
+    if resuming:  # continue exactly where the last dev evaluation left off
+        ck = torch.load(state_path, weights_only=False)
+        model.lm.load_state_dict(SpeechLLM.load(os.path.join(a.out_dir, "last"), a.device).lm.state_dict())
+        opt.load_state_dict(ck["opt"])
+        gen.set_state(ck["gen"])
+        random.setstate(ck["random"])
+        start, best_wer, dev_log, log = ck["step"] + 1, ck["best_wer"], ck["dev_log"], ck["log"]
+        with open(os.path.join(a.out_dir, "metrics.jsonl"), "w") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in log)
+        print(f"resumed from {a.out_dir}/last at step {ck['step']}")
+
+    def save_last(step: int) -> None:  # model, then the loop state inside it
+        model.save(os.path.join(a.out_dir, "last"))
+        torch.save({"opt": opt.state_dict(), "gen": gen.get_state(), "random": random.getstate(),
+                    "step": step, "best_wer": best_wer, "dev_log": dev_log, "log": log},
+                   state_path + ".tmp")
+        os.replace(state_path + ".tmp", state_path)
+
+    bar = tqdm(range(start, a.steps + 1), desc="grpo", initial=start - 1, total=a.steps)
     for step in bar:
         if a.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
@@ -492,7 +516,7 @@ def main(a: Args) -> dict:
                "update_tok_s": a.mu * n_tok / max(t_update, 1e-9) if len(rows) else 0.0,
                "peak_mem_mb": peak_mem_mb(a.device), "time_s": time.time() - t_start}
         log.append(rec)
-        with open(os.path.join(a.out_dir, "metrics.jsonl"), "a" if step > 1 else "w") as fh:
+        with open(os.path.join(a.out_dir, "metrics.jsonl"), "a" if log[:-1] else "w") as fh:
             fh.write(json.dumps(rec) + "\n")
         bar.set_postfix(reward=f"{rec['reward']:.3f}", kl=f"{rec.get('kl', 0):.4f}",
                         zero_std=f"{rec['frac_reward_zero_std']:.2f}")
@@ -503,7 +527,7 @@ def main(a: Args) -> dict:
             if d["wer"] < best_wer:
                 best_wer = d["wer"]
                 model.save(os.path.join(a.out_dir, "best"))
-    model.save(os.path.join(a.out_dir, "last"))
+            save_last(step)
     best = SpeechLLM.load(os.path.join(a.out_dir, "best"), a.device)
     after = {name: evaluate(best, u, f, a, lexicon) for name, (u, f) in tests.items()}
     summary = {"init": a.init, "final": os.path.join(a.out_dir, "best"), "before": before, "after": after,

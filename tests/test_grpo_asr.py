@@ -204,3 +204,16 @@ def test_learning_reward_rises(tiny, tmp_path):
                      eval_every=40, max_new_tokens=8))
     r = [json.loads(x)["reward"] for x in open(tmp_path / "metrics.jsonl")]
     assert sum(r[-8:]) / 8 > sum(r[:8]) / 8 + 0.5, r
+
+
+def test_resume_continues_exactly(tiny, tmp_path):
+    g.main(_run_args(tiny, tmp_path / "a", steps=4, eval_every=2))
+    g.main(_run_args(tiny, tmp_path / "b", steps=2, eval_every=2))
+    g.main(_run_args(tiny, tmp_path / "b", steps=4, eval_every=2))  # resumes at step 3
+    a = load_file(str(tmp_path / "a" / "last" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "last" / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    ra = [json.loads(x)["reward"] for x in open(tmp_path / "a" / "metrics.jsonl")]
+    rb = [json.loads(x)["reward"] for x in open(tmp_path / "b" / "metrics.jsonl")]
+    assert ra == rb and len(ra) == 4

@@ -1,0 +1,94 @@
+"""Benchmark: our rollout sampler (`common.models.sample`) against HF `generate` on the
+same model, prompts, batch, length and sampling settings, side by side in one run.
+
+    python bench/rollout.py            # CUDA if present (B=128, 64-token prompts, 256 new tokens)
+    python bench/rollout.py --quick    # CPU-sized
+
+Two model shapes, random weights from configs: the toy TTS LM (hidden 256, 4 layers) and
+Qwen2.5-0.5B (hidden 896, 24 layers, V = 151,936). Prompts are left-padded input
+embeddings, as the scripts use them; sampling at T = 1 with no top-k/top-p; no token
+ends a sequence early, so both produce B x new tokens. The last line is one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common.models import sample  # noqa: E402
+
+SHAPES = {
+    "tts": dict(vocab_size=1024, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=2),
+    "qwen2.5-0.5b": dict(vocab_size=151_936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                         num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True),
+}
+
+
+def timed(fn, device: str, reps: int) -> float:
+    fn()  # warm-up
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / reps
+
+
+def bench(name: str, b: int, prompt: int, new: int, device: str, dtype: torch.dtype, reps: int) -> dict:
+    torch.manual_seed(0)
+    lm = Qwen2ForCausalLM(Qwen2Config(**SHAPES[name])).to(device, dtype).eval()
+    d = lm.config.hidden_size
+    emb = torch.randn(b, prompt, d, device=device, dtype=dtype) * 0.02
+    mask = torch.ones(b, prompt, dtype=torch.long, device=device)
+    mask[::2, : prompt // 4] = 0  # every other row left-padded by a quarter
+    never = lm.config.vocab_size  # an id the model cannot emit: every row runs to `new` tokens
+
+    def ours():
+        sample(lm, emb, mask, new, eos_id=never, temperature=1.0)
+
+    def hf():
+        lm.generate(inputs_embeds=emb, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                    do_sample=True, temperature=1.0, top_k=0, top_p=1.0, eos_token_id=None, pad_token_id=0)
+
+    with torch.no_grad():
+        t_ours, t_hf = timed(ours, device, reps), timed(hf, device, reps)
+    toks = b * new
+    return {"shape": name, "b": b, "prompt": prompt, "new": new, "ours_s": round(t_ours, 4),
+            "hf_s": round(t_hf, 4), "tok_s": round(toks / t_ours, 1), "hf_tok_s": round(toks / t_hf, 1),
+            "speedup": round(t_hf / t_ours, 3)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true", help="CPU-sized run")
+    a = p.parse_args()
+    device = "cuda" if torch.cuda.is_available() and not a.quick else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    if device == "cuda":
+        runs = [("tts", 128, 64, 256), ("qwen2.5-0.5b", 128, 64, 256)]
+    else:
+        runs = [("tts", 64, 32, 48), ("qwen2.5-0.5b", 8, 32, 24)]
+    rows = [bench(n, b, pr, nw, device, dtype, reps=3 if device == "cuda" else 2) for n, b, pr, nw in runs]
+    where = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"rollout, sampling T=1, {dtype} on {where}")
+    print(f"{'shape':14s} {'B':>4s} {'prompt':>6s} {'new':>4s} {'ours s':>8s} {'HF s':>8s} "
+          f"{'ours tok/s':>11s} {'HF tok/s':>9s} {'speedup':>8s}")
+    for r in rows:
+        print(f"{r['shape']:14s} {r['b']:4d} {r['prompt']:6d} {r['new']:4d} {r['ours_s']:8.3f} "
+              f"{r['hf_s']:8.3f} {r['tok_s']:11.1f} {r['hf_tok_s']:9.1f} {r['speedup']:8.3f}")
+    main_row = rows[-1]
+    print(json.dumps({"device": where, "speedup": main_row["speedup"], "tok_s": main_row["tok_s"],
+                      "hf_tok_s": main_row["hf_tok_s"], "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()

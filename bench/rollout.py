@@ -70,14 +70,17 @@ def bench(name: str, b: int, prompt: int, new: int, device: str, dtype: torch.dt
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="CPU-sized run")
+    p.add_argument("--new", type=int, default=0, help="new tokens per sequence (0 = by device)")
+    p.add_argument("--reps", type=int, default=0, help="timed repetitions (0 = by device)")
     a = p.parse_args()
     device = "cuda" if torch.cuda.is_available() and not a.quick else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if device == "cuda":
-        runs = [("tts", 128, 64, 256), ("qwen2.5-0.5b", 128, 64, 256)]
+        runs = [("tts", 128, 64, a.new or 256), ("qwen2.5-0.5b", 128, 64, a.new or 256)]
     else:
-        runs = [("tts", 64, 32, 48), ("qwen2.5-0.5b", 8, 32, 24)]
-    rows = [bench(n, b, pr, nw, device, dtype, reps=3 if device == "cuda" else 2) for n, b, pr, nw in runs]
+        runs = [("tts", 64, 32, a.new or 48), ("qwen2.5-0.5b", 8, 32, a.new or 24)]
+    reps = a.reps or (3 if device == "cuda" else 2)
+    rows = [bench(n, b, pr, nw, device, dtype, reps) for n, b, pr, nw in runs]
     where = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"rollout, sampling T=1, {dtype} on {where}")
     print(f"{'shape':14s} {'B':>4s} {'prompt':>6s} {'new':>4s} {'ours s':>8s} {'HF s':>8s} "

@@ -496,7 +496,7 @@ def main(a: Args) -> dict:
                 lp_ref = sequence_logprobs(model, ref, aud, aln, keep_seqs, a)[0] if ref is not None else None
             for _ in range(a.mu):  # μ inner updates on one rollout (Eq. G7)
                 lp, ent = sequence_logprobs(model, model.lm, aud, aln, keep_seqs, a)  # [N, L]
-                loss, stats = grpo_loss(lp, lp_old, lp_ref, A, lmask, a, G if not a.drop_zero_std else 1)
+                loss, stats = grpo_loss(lp, lp_old, lp_ref, A, lmask, a, G)  # rows are whole groups
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.lm.parameters(), 1.0)

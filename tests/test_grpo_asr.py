@@ -217,3 +217,14 @@ def test_resume_continues_exactly(tiny, tmp_path):
     ra = [json.loads(x)["reward"] for x in open(tmp_path / "a" / "metrics.jsonl")]
     rb = [json.loads(x)["reward"] for x in open(tmp_path / "b" / "metrics.jsonl")]
     assert ra == rb and len(ra) == 4
+
+
+def test_options_run_end_to_end(tiny, tmp_path):
+    """μ = 2 inner updates (ρ moves off 1 on the second), Dr.GRPO scaling and aggregation,
+    clip-higher, and dropping all-equal groups, together for two steps."""
+    g.main(_run_args(tiny, tmp_path, mu=2, scale="none", loss_agg="dr_grpo", eps_high=0.28,
+                     drop_zero_std=True, temperature=1.5, top_k=5, top_p=0.9))
+    rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+    assert len(rows) == 2 and all(r["completions/max_length"] <= 6 for r in rows)
+    # dropped groups: a step whose groups are all equal makes no update (no loss logged)
+    assert all(("loss" in r) == (r["frac_reward_zero_std"] < 1.0) for r in rows)

@@ -266,7 +266,7 @@ def sequence_logprobs(model: SpeechLLM, lm, audio: torch.Tensor, audio_lens: tor
                       seqs: list[list[int]], a: Args) -> tuple[torch.Tensor, torch.Tensor]:
     """ℓ_{i,t} = log π(o_{i,t} | x, o_{i,<t}) from `lm` (policy or reference), teacher-forced,
     through the fused kernel (SPEC F2). Returns lp [N, L] and entropy [N, L], 0 where padded."""
-    emb, mask, pos, pred = model.build_inputs(audio, audio_lens, seqs)
+    emb, mask, pos, pred = model.build_inputs(audio, audio_lens, seqs, lm)  # lm's own token table
     with torch.autocast(a.device, torch.bfloat16, enabled=a.bf16):
         hid = lm.base_model(inputs_embeds=emb, attention_mask=mask, position_ids=pos).last_hidden_state
     y = torch.tensor([t for s in seqs for t in s], device=audio.device)  # [sum |o_i|]
@@ -467,7 +467,9 @@ def main(a: Args) -> dict:
         t0 = time.time()
         with torch.no_grad():
             x, xl = collate([feats[i] for i in batch], a.device)  # [B, T, 80]
-            audio, al, _ = model.embed_audio(x, xl)  # [B, T', d]
+            audio, al, enc = model.embed_audio(x, xl)  # [B, T', d]
+            # π_ref reads the audio through its own (frozen) embedding table; the encoder runs once
+            audio_ref = model.embed_audio(x, xl, ref, enc)[0] if ref is not None else None
         audio, al = audio.repeat_interleave(G, 0), al.repeat_interleave(G, 0)  # [B*G, T', d]
         # 2. Rollout: G samples per utterance from π_old = π_θ (Eq. G1).
         emb, mask, _, _ = model.build_inputs(audio, al)
@@ -479,6 +481,9 @@ def main(a: Args) -> dict:
         # 3. Rewards (Eq. G2), one per sample.
         terms = [rewards(utts[batch[i // G]], hyps[i], a, lexicon) for i in range(len(hyps))]
         r = torch.tensor([total_reward(t, a) for t in terms]).view(-1, G)  # [B, G]
+        for i in torch.nonzero(~torch.isfinite(r.flatten())).flatten().tolist():  # bad reward: named, counted
+            skips.warn(utts[batch[i // G]].src, "non-finite reward (advantage 0)",
+                       f"sample {i % G}: {hyps[i]!r}")
         # 4. Advantages (Eq. G3); all-equal groups give Â = 0 and are counted.
         adv, zero_std = group_advantages(r, a.scale)  # [B, G], [B]
         rows = torch.arange(len(seqs))
@@ -493,7 +498,11 @@ def main(a: Args) -> dict:
                 torch.tensor([len(s) for s in keep_seqs], device=a.device)[:, None]  # [N, L]
             with torch.no_grad():  # ℓ(old) once, right after sampling (Eq. G7); ℓ(ref) for Eq. G5
                 lp_old, _ = sequence_logprobs(model, model.lm, aud, aln, keep_seqs, a)  # [N, L]
-                lp_ref = sequence_logprobs(model, ref, aud, aln, keep_seqs, a)[0] if ref is not None else None
+                if ref is not None:
+                    aud_ref = audio_ref.repeat_interleave(G, 0)[rows]  # [N, T', d]
+                    lp_ref = sequence_logprobs(model, ref, aud_ref, aln, keep_seqs, a)[0]
+                else:
+                    lp_ref = None
             for _ in range(a.mu):  # μ inner updates on one rollout (Eq. G7)
                 lp, ent = sequence_logprobs(model, model.lm, aud, aln, keep_seqs, a)  # [N, L]
                 loss, stats = grpo_loss(lp, lp_old, lp_ref, A, lmask, a, G)  # rows are whole groups
@@ -506,7 +515,7 @@ def main(a: Args) -> dict:
         t_update = time.time() - t1
         n_tok = int(lens.sum())
         clipped = [lens[i] == a.max_new_tokens and toks[i, -1] != model.eos_id for i in range(len(seqs))]
-        rec = {"step": step, "reward": float(r.mean()), "reward_std": float(r.std(1).mean()),
+        rec = {"step": step, "reward": float(r.nanmean()), "reward_std": float(r.std(1).nanmean()),
                **reward_means(terms),
                "frac_reward_zero_std": float(zero_std.float().mean()), **stats,
                "completions/mean_length": n_tok / len(seqs), "completions/min_length": int(lens.min()),

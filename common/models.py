@@ -120,9 +120,12 @@ class SpeechLLM(nn.Module):
         return x.T.contiguous(), min(math.ceil(wav.shape[0] / fe.hop_length), self.encoder.n_frames)
 
     # -- the forward pieces --------------------------------------------------------------
-    def embed_audio(self, feats: torch.Tensor, lens: torch.Tensor):
-        """feats [B, T, 80] -> LM-space embeddings [B, T', d_lm], lengths [B], encoder out."""
-        h, hl = self.encoder(feats, lens)  # [B, Te, d_enc]
+    def embed_audio(self, feats: torch.Tensor, lens: torch.Tensor, lm: nn.Module | None = None,
+                    encoded: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """feats [B, T, 80] -> LM-space embeddings [B, T', d_lm], lengths [B], encoder out.
+        `lm` (default: self.lm) is the LM whose input embeddings the CTC-guided term reads,
+        e.g. the frozen reference in RL; `encoded` reuses an earlier encoder output."""
+        h, hl = encoded if encoded is not None else self.encoder(feats, lens)  # [B, Te, d_enc]
         k = self.cfg["stack"]
         te = h.shape[1] // k * k
         if te == 0:
@@ -133,16 +136,17 @@ class SpeechLLM(nn.Module):
             # LegoSLM-style: the CTC head's token posteriors (blank dropped) weight the LM's
             # own input embeddings, so the LM sees which words fired, in its own space.
             post = torch.softmax(self.ctc_head(h[:, :te]).float(), -1)[..., :-1]  # [B, Te, V]
-            e = post.to(x.dtype) @ self.lm.get_input_embeddings().weight  # [B, Te, d_lm]
+            e = post.to(x.dtype) @ (lm or self.lm).get_input_embeddings().weight  # [B, Te, d_lm]
             x = x + self.ctc_gain * e.view(x.shape[0], te // k, k, -1).sum(2)
         return x, (hl // k).clamp(min=1, max=te // k), (h, hl)
 
     def build_inputs(self, audio: torch.Tensor, audio_lens: torch.Tensor,
-                     targets: list[list[int]] | None = None):
-        """Left-padded LM inputs [audio][prompt](targets). Returns inputs_embeds [B, L, d],
-        attention_mask [B, L], position_ids [B, L] and, with targets, the flat indices of
-        the positions whose next-token prediction is each target token (for log-probs)."""
-        emb = self.lm.get_input_embeddings()
+                     targets: list[list[int]] | None = None, lm: nn.Module | None = None):
+        """Left-padded LM inputs [audio][prompt](targets), token embeddings from `lm`
+        (default: self.lm). Returns inputs_embeds [B, L, d], attention_mask [B, L],
+        position_ids [B, L] and, with targets, the flat indices of the positions whose
+        next-token prediction is each target token (for log-probs)."""
+        emb = (lm or self.lm).get_input_embeddings()
         dev = audio.device
         prompt = emb(torch.tensor(self.prompt_ids, device=dev, dtype=torch.long))  # [Lp, d]
         rows = []

@@ -228,3 +228,31 @@ def test_options_run_end_to_end(tiny, tmp_path):
     assert len(rows) == 2 and all(r["completions/max_length"] <= 6 for r in rows)
     # dropped groups: a step whose groups are all equal makes no update (no loss logged)
     assert all(("loss" in r) == (r["frac_reward_zero_std"] < 1.0) for r in rows)
+
+
+def test_nan_reward_is_named_counted_and_the_run_goes_on(tiny, tmp_path, monkeypatch, caplog):
+    real = g.total_reward
+    calls = {"n": 0}
+
+    def flaky(terms, a):
+        calls["n"] += 1
+        return float("nan") if calls["n"] % 3 == 0 else real(terms, a)
+    monkeypatch.setattr(g, "total_reward", flaky)
+    with caplog.at_level("WARNING", logger="speechrl"):
+        s = g.main(_run_args(tiny, tmp_path))
+    assert s["skipped"]["non-finite reward (advantage 0)"] == 4  # 2 steps x 6 samples, every 3rd
+    assert any("manifest.jsonl:" in r.getMessage() and "non-finite" in r.getMessage() for r in caplog.records)
+    rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+    assert len(rows) == 2 and all(math.isfinite(r["loss"]) for r in rows)
+
+
+def test_reference_reads_its_own_embedding_table(tiny):
+    """After the policy's token table moves, π_ref's inputs must not move with it."""
+    model = g.SpeechLLM.load(tiny[1])
+    ref = g.reference_model(model.lm)
+    audio, lens = torch.randn(1, 3, 32), torch.tensor([3])
+    before = model.build_inputs(audio, lens, [[5, 6]], ref)[0]
+    with torch.no_grad():
+        model.lm.get_input_embeddings().weight.add_(1.0)
+    torch.testing.assert_close(model.build_inputs(audio, lens, [[5, 6]], ref)[0], before)
+    assert not torch.equal(model.build_inputs(audio, lens, [[5, 6]])[0], before)

@@ -39,15 +39,17 @@ class ConvBlock(nn.Module):
 
 
 class ToyEncoder(nn.Module):
-    """Two stride-2 convs (10 ms -> 40 ms frames), residual conv blocks and a pre-norm
-    transformer."""
+    """Two convs (stride 2 and 2: 10 ms -> 40 ms frames; or 2 and 1 with subsample=2),
+    residual conv blocks and a pre-norm transformer."""
 
     def __init__(self, n_mels: int = 80, d_model: int = 192, n_layers: int = 4, n_heads: int = 4,
-                 dropout: float = 0.1, conv_blocks: int = 0):
+                 dropout: float = 0.1, conv_blocks: int = 0, subsample: int = 4):
         super().__init__()
-        self.d_model = d_model
+        if subsample not in (2, 4):
+            raise ValueError(f"subsample must be 2 or 4, not {subsample}")
+        self.d_model, self.subsample = d_model, subsample
         self.conv = nn.Sequential(nn.Conv1d(n_mels, d_model, 3, 2, 1), nn.GELU(),
-                                  nn.Conv1d(d_model, d_model, 3, 2, 1), nn.GELU())
+                                  nn.Conv1d(d_model, d_model, 3, subsample // 2, 1), nn.GELU())
         self.in_norm = nn.LayerNorm(d_model)  # puts the conv output on the scale of the positions
         self.blocks = nn.Sequential(*[ConvBlock(d_model) for _ in range(conv_blocks)])
         layer = nn.TransformerEncoderLayer(d_model, n_heads, 4 * d_model, dropout,
@@ -57,7 +59,7 @@ class ToyEncoder(nn.Module):
 
     def forward(self, feats: torch.Tensor, lens: torch.Tensor):
         x = self.blocks(self.in_norm(self.conv(feats.transpose(1, 2)).transpose(1, 2)))  # [B, T/4, d]
-        lens = (lens + 3) // 4
+        lens = (lens + self.subsample - 1) // self.subsample
         t = torch.arange(x.shape[1], device=x.device)
         half = self.d_model // 2  # sinusoidal positions: no length limit
         freq = torch.exp(-math.log(10_000.0) * torch.arange(half, device=x.device) / half)
@@ -317,25 +319,29 @@ def _pick(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
 @torch.no_grad()
 def sample(lm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
            max_new_tokens: int, eos_id: int, pad_id: int = 0, temperature: float = 1.0,
-           top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None):
+           top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None,
+           vocab: tuple[int, int] | None = None):
     """Batched autoregressive sampling with a KV cache from left-padded prompt embeddings.
+    `vocab=(lo, hi)` samples only ids lo..hi-1, renormalised over them (the TTS LM emits
+    speech tokens and eos, never text).
 
     Returns tokens [N, L] (pad after eos), lengths [N] (eos included; max_new_tokens if
     no eos came), and the sampled tokens' log-probs [N, L] (0 where padded)."""
+    lo, hi = vocab or (0, None)
     n = inputs_embeds.shape[0]
     # transformers >= 5.2x renamed the cache argument; older 5.x only knows past_key_values
     cache_kw = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
     pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     out = lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=pos,
              use_cache=True, logits_to_keep=1)
-    cache, logits = out.past_key_values, out.logits[:, -1]
+    cache, logits = out.past_key_values, out.logits[:, -1, lo:hi]
     next_pos = pos[:, -1:] + 1  # [N, 1]
     tokens, logps = [], []
     done = torch.zeros(n, dtype=torch.bool, device=inputs_embeds.device)
     lengths = torch.full((n,), max_new_tokens, dtype=torch.long, device=inputs_embeds.device)
     for t in range(max_new_tokens):
         tok, lp = _pick(logits, temperature, top_k, top_p, generator)
-        tok = tok.masked_fill(done, pad_id)
+        tok = (tok + lo).masked_fill(done, pad_id)
         tokens.append(tok)
         logps.append(lp.masked_fill(done, 0.0))
         lengths = torch.where(~done & (tok == eos_id), t + 1, lengths)
@@ -345,7 +351,7 @@ def sample(lm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Ten
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(n, 1)], 1)
         out = lm(input_ids=tok[:, None], attention_mask=attention_mask, position_ids=next_pos,
                  use_cache=True, **{cache_kw: cache})
-        cache, logits = out.past_key_values, out.logits[:, -1]
+        cache, logits = out.past_key_values, out.logits[:, -1, lo:hi]
         next_pos = next_pos + 1
     return torch.stack(tokens, 1), lengths, torch.stack(logps, 1)
 

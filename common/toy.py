@@ -146,6 +146,9 @@ UNSEEN_VOICES = [("espeak", "en-gb-scotland+m7", "m"), ("espeak", "en-us+f5", "f
 # RL needs utterances the warm start has not memorised (listed last: the others keep
 # their sentences).
 DEFAULT_SIZES = {"train": 4000, "dev": 300, "test-seen": 300, "test-unseen": 300, "rl": 2000}
+# The TTS side needs more speech: at about 3k utterances a tiny TTS LM overfits in minutes.
+# Its test-unseen sets the prompt voice the TTS never heard; rl holds the GRPO texts.
+TTS_SIZES = {"train": 15000, "dev": 200, "test-seen": 200, "test-unseen": 300, "rl": 1000}
 
 
 def synthesize(engine: str, voice: str, text: str, rate: float, out_path: str) -> float:

@@ -1,0 +1,350 @@
+"""The TTS side: discrete speech tokens, token2wav, the TTS LM, and the judges that score
+its audio.
+
+    SpeechTokenizer  log-mel frames mean-pooled to 25 Hz -> nearest k-means centroid
+    Token2Mel        speech tokens -> log-mel (a small conv net); `mel_to_wav` adds
+                     Griffin-Lim. Together they are token2wav, the one place where a real
+                     codec (CosyVoice 2's flow matching + vocoder) would plug in.
+    TTSLM            a causal LM over text tokens + speech tokens, CosyVoice 2's layout:
+                     [prompt text][text] <sos> [prompt speech] -> speech tokens ... <eos>
+    CTCRecognizer    a character CTC recogniser: the reward ASR (T1) and, trained apart,
+                     the evaluation ASR
+    SpeakerEncoder   d-vectors for speaker similarity (T4 and the SIM metric)
+
+Every module saves to a folder (config.json + model.safetensors, atomically) and loads
+back from it with `load_module`; nothing is downloaded.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchaudio.functional as AF
+import torchaudio.transforms as AT
+from safetensors.torch import load_file, save_file
+
+from common.audio import HOP, N_FFT, N_MELS, SR
+from common.models import ConvBlock, ToyEncoder, toy_tokenizer
+
+TOKEN_HOP = 4  # mel frames (10 ms) per speech token: 25 Hz tokens
+CHARS = " abcdefghijklmnopqrstuvwxyz'"  # the CTC recognisers' alphabet; blank is the last id
+
+
+def cmvn(mel: torch.Tensor) -> torch.Tensor:
+    """Per-utterance mean and variance normalisation of log-mel [T, 80]."""
+    return (mel - mel.mean(0, keepdim=True)) / (mel.std(0, keepdim=True) + 1e-5)
+
+
+def pad_batch(xs: list[torch.Tensor], value: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """[T_i, ...] tensors -> padded [B, T_max, ...] and lengths [B]."""
+    lens = torch.tensor([x.shape[0] for x in xs])
+    out = xs[0].new_full((len(xs), int(lens.max()), *xs[0].shape[1:]), value)
+    for i, x in enumerate(xs):
+        out[i, : x.shape[0]] = x
+    return out, lens
+
+
+# ---------------------------------------------------------------- speech tokens
+def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0) -> torch.Tensor:
+    """Lloyd's k-means on x [N, D] -> centroids [k, D]. Empty clusters are reseeded."""
+    g = torch.Generator().manual_seed(seed)
+    c = x[torch.randperm(len(x), generator=g)[:k]].clone()
+    for _ in range(iters):
+        a = nearest(x, c)
+        counts = torch.bincount(a, minlength=k)
+        c = torch.zeros_like(c).index_add_(0, a, x) / counts.clamp(min=1)[:, None]
+        empty = counts == 0
+        c[empty] = x[torch.randint(len(x), (int(empty.sum()),), generator=g)]
+    return c
+
+
+def nearest(x: torch.Tensor, c: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
+    """Index of the nearest centroid for every row of x [N, D] -> [N]."""
+    c2 = (c * c).sum(1)
+    return torch.cat([(c2 - 2 * x[i : i + chunk] @ c.T).argmin(1) for i in range(0, len(x), chunk)])
+
+
+class SpeechTokenizer(nn.Module):
+    """Audio -> discrete speech tokens: log-mel, mean-pooled over TOKEN_HOP frames,
+    globally normalised (so voice and loudness stay in the tokens), nearest centroid."""
+
+    def __init__(self, cfg: dict):
+        super().__init__()
+        self.cfg = cfg
+        self.register_buffer("centroids", torch.zeros(cfg["n_tokens"], N_MELS))
+        self.register_buffer("mean", torch.zeros(N_MELS))
+        self.register_buffer("std", torch.ones(N_MELS))
+
+    def pooled(self, mel: torch.Tensor) -> torch.Tensor:
+        """log-mel [T, 80] -> normalised 25 Hz frames [T // 4, 80]."""
+        n = mel.shape[0] // TOKEN_HOP
+        x = mel[: n * TOKEN_HOP].view(n, TOKEN_HOP, N_MELS).mean(1)
+        return (x - self.mean) / self.std
+
+    def encode(self, mel: torch.Tensor) -> torch.Tensor:
+        """log-mel [T, 80] -> speech tokens [T // 4] in 0..K-1."""
+        return nearest(self.pooled(mel), self.centroids)
+
+    @classmethod
+    def fit(cls, mels: list[torch.Tensor], n_tokens: int, max_frames: int = 200_000,
+            seed: int = 0) -> SpeechTokenizer:
+        tok = cls({"n_tokens": n_tokens})
+        raw = torch.cat([m[: m.shape[0] // TOKEN_HOP * TOKEN_HOP].view(-1, TOKEN_HOP, N_MELS).mean(1)
+                         for m in mels])  # [N, 80]
+        tok.mean, tok.std = raw.mean(0), raw.std(0) + 1e-5
+        x = (raw - tok.mean) / tok.std
+        x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:max_frames]]
+        tok.centroids = kmeans(x, n_tokens, seed=seed)
+        return tok
+
+
+# ---------------------------------------------------------------- token2wav
+class Token2Mel(nn.Module):
+    """Speech tokens [B, n] -> log-mel [B, 4n, 80]: embedding, upsampling to 100 Hz with a
+    learned position-within-token, residual conv blocks, a linear read-out."""
+
+    def __init__(self, cfg: dict):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg["d"]
+        self.emb = nn.Embedding(cfg["n_tokens"], d)
+        self.sub = nn.Embedding(TOKEN_HOP, d)  # which of the token's 4 frames
+        self.blocks = nn.Sequential(*[ConvBlock(d, 5) for _ in range(cfg["blocks"])])
+        self.out = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, N_MELS))
+        self.register_buffer("mean", torch.zeros(N_MELS))
+        self.register_buffer("std", torch.ones(N_MELS))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Normalised log-mel [B, 4n, 80] (the training target space)."""
+        x = self.emb(tokens).repeat_interleave(TOKEN_HOP, 1)  # [B, 4n, d]
+        x = x + self.sub.weight.repeat(tokens.shape[1], 1)[None]
+        return self.out(self.blocks(x))
+
+    @torch.no_grad()
+    def mel(self, tokens: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Speech tokens (one tensor each, any lengths) -> log-mel [4 n_i, 80] each."""
+        if not tokens:
+            return []
+        x, lens = pad_batch([t.to(self.mean.device) for t in tokens])
+        y = self(x) * self.std + self.mean  # [B, 4n, 80]
+        return [y[i, : TOKEN_HOP * int(n)] for i, n in enumerate(lens)]
+
+
+_gl: dict[str, tuple[torch.Tensor, AT.GriffinLim]] = {}
+
+
+@torch.no_grad()
+def mel_to_wav(mels: list[torch.Tensor], n_iter: int = 32) -> list[torch.Tensor]:
+    """log-mel [T_i, 80] -> 16 kHz audio [160 T_i] each: the mel filterbank's pseudo-inverse
+    gives a power spectrogram, Griffin-Lim (fixed zero-phase start) its phase. Deterministic."""
+    if not mels:
+        return []
+    key = f"{mels[0].device}:{n_iter}"
+    if key not in _gl:
+        fb = AF.melscale_fbanks(N_FFT // 2 + 1, 0.0, SR / 2, N_MELS, SR)  # [201, 80], as log_mel's
+        _gl[key] = (torch.linalg.pinv(fb).to(mels[0].device),
+                    AT.GriffinLim(N_FFT, n_iter, hop_length=HOP, power=2.0, rand_init=False).to(mels[0].device))
+    pinv, gl = _gl[key]
+    x, lens = pad_batch(mels, value=-13.8)  # log(1e-6): silence
+    spec = (x.float().exp() @ pinv).clamp(min=0).transpose(1, 2)  # [B, 201, T]
+    wav = gl(spec)  # [B, ~160 T]
+    peak = wav.abs().amax(1, keepdim=True).clamp(min=1e-4)
+    wav = wav * torch.clamp(0.9 / peak, max=1.0)  # never clip
+    return [wav[i, : HOP * int(n)] for i, n in enumerate(lens)]
+
+
+# ---------------------------------------------------------------- judges
+class CTCRecognizer(nn.Module):
+    """A character CTC recogniser on CMVN log-mels: ToyEncoder at 20 ms frames + linear."""
+
+    def __init__(self, cfg: dict):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = ToyEncoder(d_model=cfg["d"], n_layers=cfg["layers"], conv_blocks=cfg["conv_blocks"],
+                                  dropout=cfg.get("dropout", 0.1), subsample=2)
+        self.head = nn.Linear(cfg["d"], len(CHARS) + 1)
+
+    def forward(self, mels: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """log-mel [T_i, 80] each -> CTC log-probs [B, T', C] and lengths [B]."""
+        dev = self.head.weight.device
+        x, lens = pad_batch([cmvn(m.to(dev).float()) for m in mels])
+        h, hl = self.encoder(x, lens.to(dev))
+        return self.head(h).log_softmax(-1), hl
+
+    @staticmethod
+    def targets(text: str) -> list[int]:
+        return [CHARS.index(c) for c in text if c in CHARS]
+
+    @torch.no_grad()
+    def transcribe(self, mels: list[torch.Tensor], batch_size: int = 64) -> list[str]:
+        """Greedy CTC transcripts, batched by length."""
+        was = self.training
+        self.eval()
+        order = sorted(range(len(mels)), key=lambda i: mels[i].shape[0])
+        out = [""] * len(mels)
+        blank = len(CHARS)
+        for s in range(0, len(order), batch_size):
+            idx = order[s : s + batch_size]
+            lp, hl = self([mels[i] for i in idx])
+            best = lp.argmax(-1).tolist()  # [B, T']
+            for row, n, i in zip(best, hl.tolist(), idx, strict=True):
+                ids = [t for j, t in enumerate(row[:n]) if t != blank and (j == 0 or t != row[j - 1])]
+                out[i] = " ".join("".join(CHARS[t] for t in ids).split())
+        self.train(was)
+        return out
+
+
+class SpeakerEncoder(nn.Module):
+    """d-vectors: ToyEncoder on globally normalised log-mel (per-utterance CMVN would wipe
+    out the voice), mean-pooled, projected, L2-normalised. Trained as a speaker classifier."""
+
+    def __init__(self, cfg: dict):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = ToyEncoder(d_model=cfg["d"], n_layers=cfg["layers"], conv_blocks=1, dropout=0.1)
+        self.proj = nn.Linear(cfg["d"], cfg["d"])
+        self.classify = nn.Linear(cfg["d"], cfg["n_speakers"])  # training only
+        self.register_buffer("mean", torch.zeros(N_MELS))
+        self.register_buffer("std", torch.ones(N_MELS))
+
+    def forward(self, mels: list[torch.Tensor]) -> torch.Tensor:
+        """log-mel [T_i, 80] each -> unit-norm embeddings [B, d]."""
+        dev = self.mean.device
+        x, lens = pad_batch([(m.to(dev).float() - self.mean) / self.std for m in mels])
+        h, hl = self.encoder(x, lens.to(dev))
+        keep = (torch.arange(h.shape[1], device=dev)[None] < hl[:, None]).float()[..., None]
+        pooled = (h * keep).sum(1) / keep.sum(1).clamp(min=1)
+        return F.normalize(self.proj(pooled), dim=-1)
+
+    @torch.no_grad()
+    def similarity(self, a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
+        """Cosine similarity of pairs (a_i, b_i) of log-mels -> [B]."""
+        was = self.training
+        self.eval()
+        s = (self(a) * self(b)).sum(-1)
+        self.train(was)
+        return s
+
+
+# ---------------------------------------------------------------- the TTS LM
+class TTSLM(nn.Module):
+    """A causal LM over [text tokens][speech tokens][eos][sos]. Speech token s has id
+    offset + s, eos is offset + K and sos offset + K + 1, so the outputs (speech tokens and
+    eos) are one contiguous slice of the vocabulary: `out_slice`. Sampling and log-probs
+    both renormalise over that slice, so they agree exactly."""
+
+    def __init__(self, cfg: dict, lm: nn.Module, tokenizer):
+        super().__init__()
+        self.cfg, self.lm, self.tokenizer = cfg, lm, tokenizer
+        self.offset, self.n_speech = cfg["offset"], cfg["n_speech"]
+        self.eos_id, self.sos_id = self.offset + self.n_speech, self.offset + self.n_speech + 1
+        self.out_slice = (self.offset, self.offset + self.n_speech + 1)  # speech tokens + eos
+
+    def prompt(self, prompt_text: str, text: str, prompt_speech: list[int]) -> list[int]:
+        """CosyVoice 2's layout: [prompt text][text] <sos> [prompt speech tokens]."""
+        ids = self.tokenizer(f"{prompt_text} {text}".strip(), add_special_tokens=False).input_ids
+        return ids + [self.sos_id] + [self.offset + s for s in prompt_speech]
+
+    def batch(self, prompts: list[list[int]], outputs: list[list[int]] | None = None):
+        """Left-padded ids [N, P+L], attention mask, positions, and (with outputs, given as
+        speech ids 0..K with K = eos) the flat indices of the positions that predict them
+        and those targets as out-slice indices. Only outputs are predicted: the prompt,
+        including its speech tokens, is never in the loss or the log-probs."""
+        outputs = outputs or [[] for _ in prompts]
+        seqs = [p + [self.offset + o for o in out[:-1]] for p, out in zip(prompts, outputs, strict=True)]
+        n = max(map(len, seqs))
+        dev = self.lm.get_input_embeddings().weight.device
+        ids = torch.full((len(seqs), n), self.tokenizer.pad_token_id or 0, dtype=torch.long)
+        mask = torch.zeros(len(seqs), n, dtype=torch.long)
+        pred = []
+        for i, (s, p, out) in enumerate(zip(seqs, prompts, outputs, strict=True)):
+            ids[i, n - len(s):], mask[i, n - len(s):] = torch.tensor(s), 1
+            first = i * n + n - len(s) + len(p) - 1  # the last prompt position predicts out[0]
+            pred.extend(range(first, first + len(out)))
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        y = torch.tensor([o for out in outputs for o in out], dtype=torch.long)
+        return ids.to(dev), mask.to(dev), pos.to(dev), torch.tensor(pred, dtype=torch.long, device=dev), y.to(dev)
+
+    def head(self, lm: nn.Module | None = None) -> torch.Tensor:
+        """The output rows of the LM head: [K + 1, d]."""
+        return (lm or self.lm).get_output_embeddings().weight[self.out_slice[0]: self.out_slice[1]]
+
+
+def build_toy_tts(words: list[str], n_speech: int, d: int = 256, layers: int = 4, heads: int = 4,
+                  dropout: float = 0.1, seed: int = 0) -> TTSLM:
+    """The toy TTS LM: a Qwen2ForCausalLM from a small config over words + speech tokens."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    tok = toy_tokenizer(words, prompt_token="<tts>")
+    off = len(tok)
+    cfg = Qwen2Config(vocab_size=off + n_speech + 2, hidden_size=d, intermediate_size=3 * d,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+                      max_position_embeddings=4096, tie_word_embeddings=True, attention_dropout=dropout,
+                      pad_token_id=tok.pad_token_id, eos_token_id=off + n_speech, bos_token_id=None)
+    return TTSLM({"kind": "tts_lm", "offset": off, "n_speech": n_speech}, Qwen2ForCausalLM(cfg), tok)
+
+
+def load_real_tts(lm_path: str, n_speech: int, dtype: torch.dtype = torch.float32) -> TTSLM:
+    """A TTS LM from a local causal-LM folder (e.g. Qwen2.5). If its vocabulary has no room
+    for the K speech tokens + eos + sos after the text tokens, the embeddings are resized
+    (the new rows start random: SFT must teach them)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    lm = AutoModelForCausalLM.from_pretrained(lm_path, local_files_only=True, dtype=dtype)
+    tok = AutoTokenizer.from_pretrained(lm_path, local_files_only=True)
+    off = len(tok)
+    if lm.get_input_embeddings().weight.shape[0] < off + n_speech + 2:
+        lm.resize_token_embeddings(off + n_speech + 2)
+    return TTSLM({"kind": "tts_lm", "offset": off, "n_speech": n_speech}, lm, tok)
+
+
+# ---------------------------------------------------------------- checkpoints
+def save_module(module: nn.Module, path: str) -> None:
+    """config.json + model.safetensors (+ lm_config, tokenizer for a TTSLM), written to
+    path.tmp and renamed over path, so a crash never leaves half a checkpoint."""
+    tmp, old = path.rstrip("/") + ".tmp", path.rstrip("/") + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    cfg = dict(module.cfg, cls=type(module).__name__)
+    if isinstance(module, TTSLM):
+        cfg["lm_config"] = module.lm.config.to_dict()
+        module.tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=1, default=str)
+    state, seen = {}, set()
+    for k, v in module.state_dict().items():  # tied weights (embedding = LM head): store once
+        if v.data_ptr() not in seen:
+            seen.add(v.data_ptr())
+            state[k] = v.detach().contiguous().cpu()
+    save_file(state, os.path.join(tmp, "model.safetensors"))
+    if os.path.exists(path):
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_module(path: str, device: str = "cpu") -> nn.Module:
+    """Rebuild any module saved by save_module from its folder."""
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
+    kind = cfg.pop("cls")
+    if kind == "TTSLM":
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        lm_cfg = dict(cfg.pop("lm_config"))
+        lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(lm_cfg.pop("model_type"), **lm_cfg))
+        module: nn.Module = TTSLM(cfg, lm, AutoTokenizer.from_pretrained(os.path.join(path, "tokenizer")))
+    else:
+        classes = {c.__name__: c for c in (SpeechTokenizer, Token2Mel, CTCRecognizer, SpeakerEncoder)}
+        module = classes[kind](cfg)
+    missing, unexpected = module.load_state_dict(load_file(os.path.join(path, "model.safetensors")), strict=False)
+    if [k for k in missing if not k.endswith("lm_head.weight")] or unexpected:
+        raise ValueError(f"{path}: checkpoint does not match: missing {missing}, unexpected {unexpected}")
+    if kind == "TTSLM":
+        module.lm.tie_weights()
+    return module.to(device).eval()

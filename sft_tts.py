@@ -31,9 +31,18 @@ from common.audio import log_mel
 from common.data import Skips, load_audio_items, read_data
 from common.logprob import token_logprobs
 from common.metrics import corpus_error
-from common.tts import (TOKEN_HOP, CTCRecognizer, SpeakerEncoder, SpeechTokenizer, Token2Mel, TTSLM,
-                        build_toy_tts, load_module, save_module)
 from common.toy import TTS_SIZES, build_toy_world, cache_root, vocabulary
+from common.tts import (
+    TOKEN_HOP,
+    TTSLM,
+    CTCRecognizer,
+    SpeakerEncoder,
+    SpeechTokenizer,
+    Token2Mel,
+    build_toy_tts,
+    load_module,
+    save_module,
+)
 
 STAGES = ("tokenizer", "token2wav", "judges", "tts_lm")
 
@@ -155,7 +164,7 @@ def build_token2wav(a, out, splits, tokens):
 
     def loss_on(batch):
         x, lens = torch.nn.utils.rnn.pad_sequence([t for t, _ in batch], True), [len(t) for t, _ in batch]
-        y = net(x)  # [B, 4n, 80]
+        y = net(x, torch.tensor(lens))  # [B, 4n, 80]
         loss, n = 0.0, 0
         for i, (_, m) in enumerate(batch):
             k = min(TOKEN_HOP * lens[i], m.shape[0])

@@ -31,6 +31,8 @@ class Utt:
     keywords: list[str] = field(default_factory=list)
     duration: float | None = None
     lang: str | None = None
+    prompt_audio: str | None = None  # TTS: an utterance of the voice to speak in (absolute path)
+    prompt_text: str | None = None  # TTS: its transcript
 
 
 class Skips:
@@ -60,9 +62,10 @@ def _check_text(text: object, where: str, skips: Skips) -> str | None:
     return text.strip()
 
 
-def read_manifest(path: str, skips: Skips) -> list[Utt]:
-    """A JSONL manifest: {"key", "audio", "text"} plus optional speaker/keywords/duration/lang.
-    A relative audio path resolves against the manifest's folder."""
+def read_manifest(path: str, skips: Skips, need_audio: bool = True) -> list[Utt]:
+    """A JSONL manifest: {"key", "audio", "text"} plus optional speaker/keywords/duration/lang
+    and, for TTS, prompt_audio/prompt_text. Relative paths resolve against the manifest's
+    folder. need_audio=False (texts to synthesise) makes "audio" optional."""
     base = os.path.dirname(os.path.abspath(path))
     out: list[Utt] = []
     seen: set[str] = set()
@@ -78,7 +81,7 @@ def read_manifest(path: str, skips: Skips) -> list[Utt]:
             except ValueError as e:
                 skips.warn(where, "malformed JSON line", str(e)[:60])
                 continue
-            missing = [k for k in ("key", "audio") if not isinstance(d.get(k), str) or not d[k]]
+            missing = [k for k in ("key", "audio")[: 1 + need_audio] if not isinstance(d.get(k), str) or not d[k]]
             if missing:
                 skips.warn(where, "missing field", ", ".join(missing))
                 continue
@@ -88,15 +91,17 @@ def read_manifest(path: str, skips: Skips) -> list[Utt]:
             text = _check_text(d.get("text"), where, skips)
             if text is None:
                 continue
-            audio = d["audio"] if os.path.isabs(d["audio"]) else os.path.join(base, d["audio"])
-            if not os.path.isfile(audio):
-                skips.warn(where, "missing audio file", audio)
+            paths = {k: d[k] if os.path.isabs(d[k]) else os.path.join(base, d[k])
+                     for k in ("audio", "prompt_audio") if isinstance(d.get(k), str) and d[k]}
+            bad = [p for p in paths.values() if not os.path.isfile(p)]
+            if bad:
+                skips.warn(where, "missing audio file", bad[0])
                 continue
             kw = d.get("keywords") or []
             seen.add(d["key"])
-            out.append(Utt(d["key"], audio, text, where, d.get("speaker"),
+            out.append(Utt(d["key"], paths.get("audio", ""), text, where, d.get("speaker"),
                            [normalize(k) for k in kw if isinstance(k, str) and normalize(k)],
-                           d.get("duration"), d.get("lang")))
+                           d.get("duration"), d.get("lang"), paths.get("prompt_audio"), d.get("prompt_text")))
     return out
 
 
@@ -145,12 +150,12 @@ def read_kaldi(d: str, skips: Skips) -> list[Utt]:
     return out
 
 
-def read_data(path: str, skips: Skips) -> list[Utt]:
+def read_data(path: str, skips: Skips, need_audio: bool = True) -> list[Utt]:
     """A manifest (.jsonl) or a Kaldi data dir. Raises if nothing usable is left."""
     if os.path.isdir(path):
         utts = read_kaldi(path, skips)
     elif os.path.isfile(path):
-        utts = read_manifest(path, skips)
+        utts = read_manifest(path, skips, need_audio)
     else:
         raise FileNotFoundError(f"{path}: no such manifest or Kaldi data dir")
     if not utts:

@@ -34,8 +34,10 @@ class ConvBlock(nn.Module):
         self.norm = nn.LayerNorm(d)
         self.conv = nn.Conv1d(d, d, kernel, padding=kernel // 2)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, d]
-        return x + F.gelu(self.conv(self.norm(x).transpose(1, 2)).transpose(1, 2))
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:  # [B, T, d]
+        """keep [B, T, 1] (1 = real frame) zeroes padding, so it cannot leak into real frames."""
+        h = self.norm(x) if keep is None else self.norm(x) * keep
+        return x + F.gelu(self.conv(h.transpose(1, 2)).transpose(1, 2))
 
 
 class ToyEncoder(nn.Module):

@@ -118,11 +118,18 @@ class Token2Mel(nn.Module):
         self.register_buffer("mean", torch.zeros(N_MELS))
         self.register_buffer("std", torch.ones(N_MELS))
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Normalised log-mel [B, 4n, 80] (the training target space)."""
+    def forward(self, tokens: torch.Tensor, lens: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised log-mel [B, 4n, 80] (the training target space). With lens [B], the
+        padding never reaches real frames: a batch gives each item what it gets alone."""
         x = self.emb(tokens).repeat_interleave(TOKEN_HOP, 1)  # [B, 4n, d]
         x = x + self.sub.weight.repeat(tokens.shape[1], 1)[None]
-        return self.out(self.blocks(x))
+        keep = None
+        if lens is not None:
+            t = torch.arange(x.shape[1], device=x.device)
+            keep = (t[None] < TOKEN_HOP * lens.to(x.device)[:, None]).to(x.dtype)[..., None]  # [B, 4n, 1]
+        for block in self.blocks:
+            x = block(x, keep)
+        return self.out(x)
 
     @torch.no_grad()
     def mel(self, tokens: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -130,7 +137,7 @@ class Token2Mel(nn.Module):
         if not tokens:
             return []
         x, lens = pad_batch([t.to(self.mean.device) for t in tokens])
-        y = self(x) * self.std + self.mean  # [B, 4n, 80]
+        y = self(x, lens) * self.std + self.mean  # [B, 4n, 80]
         return [y[i, : TOKEN_HOP * int(n)] for i, n in enumerate(lens)]
 
 
@@ -139,7 +146,7 @@ _gl: dict[str, tuple[torch.Tensor, AT.GriffinLim]] = {}
 
 @torch.no_grad()
 def mel_to_wav(mels: list[torch.Tensor], n_iter: int = 32) -> list[torch.Tensor]:
-    """log-mel [T_i, 80] -> 16 kHz audio [160 T_i] each: the mel filterbank's pseudo-inverse
+    """log-mel [T_i, 80] -> 16 kHz audio [160 (T_i - 1)] each: the mel filterbank's pseudo-inverse
     gives a power spectrogram, Griffin-Lim (fixed zero-phase start) its phase. Deterministic."""
     if not mels:
         return []
@@ -154,7 +161,7 @@ def mel_to_wav(mels: list[torch.Tensor], n_iter: int = 32) -> list[torch.Tensor]
     wav = gl(spec)  # [B, ~160 T]
     peak = wav.abs().amax(1, keepdim=True).clamp(min=1e-4)
     wav = wav * torch.clamp(0.9 / peak, max=1.0)  # never clip
-    return [wav[i, : HOP * int(n)] for i, n in enumerate(lens)]
+    return [wav[i, : HOP * (int(n) - 1)] for i, n in enumerate(lens)]  # centred frames: hop x (T - 1)
 
 
 # ---------------------------------------------------------------- judges

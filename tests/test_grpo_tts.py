@@ -1,0 +1,197 @@
+"""grpo_tts.py and sft_tts.py: rewards T1-T4 against hand-worked numbers and their edge
+cases, the log-probs over the output slice, a tiny TTS world built end to end, a smoke run,
+eval-only on a text-only manifest, bad prompts, resume, and a learning test."""
+import json
+import os
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from safetensors.torch import load_file
+
+import grpo_tts as g
+import sft_tts
+from common.tts import build_toy_tts
+from common.toy import vocabulary
+
+
+def A(**kw):
+    return g.Args(**kw)
+
+
+# ------------------------------------------------------------------ rewards (SPEC §3)
+def test_accuracy_reward_is_clipped_cer():
+    assert g.reward_accuracy("abcd", "abxd") == pytest.approx(0.75)  # 1 sub over 4 characters
+    assert g.reward_accuracy("one two", "") == 0.0  # empty transcript: CER 1
+    assert g.reward_accuracy("ab", "abxyzw") == 0.0  # CER 2 -> clipped to 0
+    assert g.reward_accuracy("one", "o n e") == 1.0  # spaces are not characters
+
+
+def test_duration_reward_against_group_median():
+    r = g.reward_duration([40, 50, 60, 150])  # median 55
+    assert r == pytest.approx([-15 / 55, -5 / 55, -5 / 55, -1.0])  # -95/55 clipped at -1
+
+
+def test_token_diversity_by_hand():
+    d = g.token_diversity([[1, 2, 3], [1, 2, 4], [1, 2, 3]])
+    assert d == pytest.approx([1 / 6, 1 / 3, 1 / 6])  # 1 substitution in 3 tokens to the odd one
+    assert g.token_diversity([[5, 6], [5, 6]]) == [0.0, 0.0]
+    assert g.token_diversity([[1, 2, 3, 4], [1, 2]]) == pytest.approx([0.5, 0.5])  # 2 edits / max len 4
+
+
+def test_pitch_diversity_of_steady_and_gliding_tones():
+    t = torch.arange(16000) / 16000
+    steady = 0.5 * torch.sin(2 * torch.pi * 150 * t)
+    glide = 0.5 * torch.sin(2 * torch.pi * (100 * t + 100 * t**2))  # 100 Hz -> 300 Hz
+    assert g.pitch_diversity(steady, 50.0) < 0.2 < g.pitch_diversity(glide, 50.0)
+    assert g.pitch_diversity(torch.zeros(16000), 50.0) == 0.0  # silence: no voiced frames
+
+
+def test_group_rewards_edge_cases():
+    K = 10
+    mel = torch.zeros(8, 80)
+    outs = [[1, 2, K], [1, 2, 3], [K], [4, 4, K]]  # fine, no eos, no audio, empty transcript
+    ended = [True, False, True, True]
+    mels = [mel, mel, None, mel]
+    hyps = ["one", "one", "", ""]
+    terms = g.group_rewards("one", outs, ended, hyps, mels, [0.9, 0.9, 0.0, 0.5], A(w_dur=1.0))
+    assert terms[0] == {"acc": 1.0, "dur": 0.0, "fail": 0.0, "sim": 0.9}  # median of the valid: 2
+    assert terms[1] == {**g.FLOOR, "fail": 1.0} == terms[2]  # no eos / no audio: the lowest reward
+    assert terms[3]["acc"] == 0.0 and terms[3]["fail"] == 0.0  # empty transcript: CER 1, not 0
+    assert g.total_reward(terms[0], A(w_dur=1.0, w_sim=0.5)) == pytest.approx(1.45)
+    assert g.total_reward(terms[1], A(w_dur=1.0, w_sim=0.5)) == pytest.approx(-1.5)  # the floor
+
+
+def test_identical_group_gets_zero_advantage():
+    terms = g.group_rewards("one", [[1, 10]] * 4, [True] * 4, ["one"] * 4, [torch.zeros(4, 80)] * 4, None,
+                            A(w_dur=1.0))
+    r = torch.tensor([[g.total_reward(t, A(w_dur=1.0)) for t in terms]])
+    adv, zero = g.group_advantages(r, "group")
+    assert zero.tolist() == [True] and torch.equal(adv, torch.zeros(1, 4))
+
+
+def test_advantages_and_loss_by_hand():
+    adv, _ = g.group_advantages(torch.tensor([[1.0, 2.0, 3.0]]), "group")  # std 1 (unbiased)
+    torch.testing.assert_close(adv, torch.tensor([[-1.0, 0.0, 1.0]]) / (1 + 1e-4))
+    lp = torch.zeros(2, 3)
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    a = A(group_size=2, beta=0.0, max_new_tokens=2)
+    for agg, want in (("grpo", -(1.0 + -1.0) / 2), ("dapo", -(3 * 1.0 - 1.0) / 4), ("dr_grpo", -(3 - 1) / (2 * 3))):
+        a.loss_agg = agg
+        loss, st = g.grpo_loss(lp, lp, None, torch.tensor([1.0, -1.0]), mask, a)
+        assert loss.item() == pytest.approx(want), agg
+        assert st["kl"] == 0.0 and st["clip_ratio/low_mean"] == 0.0
+
+
+def test_logprobs_cover_the_output_slice_exactly():
+    """ℓ from the fused kernel = log_softmax over speech tokens + eos of a plain forward, at
+    the emitted positions only."""
+    torch.manual_seed(0)
+    lm = build_toy_tts(vocabulary(), n_speech=12, d=32, layers=1, heads=2).eval()
+    prompts = [lm.prompt("one", "two three", [3, 4]), lm.prompt("", "five", [7])]
+    outs = [[1, 2, 12], [5, 12]]
+    lp, ent = g.sequence_logprobs(lm, lm.lm, prompts, outs, A(device="cpu", bf16=False))
+    for i, (p, o) in enumerate(zip(prompts, outs, strict=True)):
+        ids = torch.tensor([p + [lm.offset + t for t in o[:-1]]])
+        logits = lm.lm(input_ids=ids).logits[0, len(p) - 1:, lm.out_slice[0]: lm.out_slice[1]]
+        want = torch.log_softmax(logits, -1).gather(1, torch.tensor(o)[:, None]).squeeze(1)
+        torch.testing.assert_close(lp[i, : len(o)], want, atol=1e-5, rtol=1e-5)
+    assert lp[1, 2] == 0.0 and ent.shape == lp.shape
+
+
+# ------------------------------------------------------------------ a tiny TTS world, end to end
+TINY = {"train": 60, "dev": 6, "test-seen": 6, "test-unseen": 6, "rl": 8}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ttsworld")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SPEECHRL_CACHE", str(root))
+        mp.setattr(sft_tts, "TTS_SIZES", TINY)
+        a = sft_tts.Args(n_tokens=32, t2m_d=32, t2m_blocks=2, t2m_minutes=0.03, judge_minutes=0.03,
+                         spk_minutes=0.02, lm_d=32, lm_layers=1, lm_minutes=0.05, eval_every=5, batch_size=8)
+        paths = sft_tts.build_tts_world(a)
+        assert sft_tts.build_tts_world(a) == paths  # cached: the second call builds nothing
+    return paths
+
+
+def _args(w, out, **kw):
+    split = {s: os.path.join(w["world"], s, "manifest.jsonl") for s in TINY}
+    first = json.loads(open(split["dev"]).readline())
+    base = dict(prompt_audio=os.path.join(w["world"], "dev", first["audio"]), prompt_text=first["text"],init=w["tts_lm"], tokenizer=w["tokenizer"], token2mel=w["token2mel"], reward_asr=w["reward_asr"],
+                eval_asr=w["eval_asr"], speaker_model=w["speaker"], data=split["rl"], dev_data=split["dev"],
+                test_data=[split["test-seen"], split["test-unseen"]], out_dir=str(out), steps=2, batch_size=2,
+                group_size=3, max_new_tokens=12, lr=1e-3, eval_every=1, audio_every=1, n_audio=2, device="cpu",
+                bf16=False, threads=1)
+    return g.Args(**{**base, **kw})
+
+
+def test_world_stages_are_saved_and_each_can_be_rebuilt(world):
+    for k in ("tokenizer", "token2mel", "reward_asr", "eval_asr", "speaker", "tts_lm"):
+        assert os.path.isfile(os.path.join(world[k], "model.safetensors")), k
+    done = json.load(open(os.path.join(os.path.dirname(world["tokens"]), "done.json")))
+    assert done["report"]["codes_used"] > 1
+    tokens = json.load(open(world["tokens"]))
+    assert set(tokens) == set(TINY) and len(tokens["train"]) == TINY["train"]
+
+
+def test_two_step_smoke_changes_the_policy(world, tmp_path):
+    s = g.main(_args(world, tmp_path, w_dur=0.5, w_div=0.5, w_sim=0.5))
+    before = load_file(os.path.join(world["tts_lm"], "model.safetensors"))
+    after = load_file(str(tmp_path / "last" / "model.safetensors"))
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert set(s["before"]) == set(s["after"]) == set(s["resynth_cer"]) == {"test-seen", "test-unseen"}
+    assert set(s["before"]["test-seen"]) >= {"cer", "wer", "sim", "dur_ratio", "no_eos"}
+    rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2]
+    for key in ("reward", "reward_std", "rewards/acc/mean", "rewards/dur/mean", "rewards/div/mean",
+                "rewards/sim/mean", "frac_reward_zero_std", "kl", "clip_ratio/low_mean", "entropy",
+                "completions/mean_length", "completions/clipped_ratio", "sampling_tok_s", "update_tok_s",
+                "peak_mem_mb"):
+        assert key in rows[0], key
+    assert rows[0]["kl"] < 1e-6 and rows[0]["clip_ratio/low_mean"] == 0.0  # step 1: ρ = 1, KL = 0
+    for step in ("step_0000", "step_0001", "step_0002"):
+        assert len(os.listdir(tmp_path / "audio" / step)) >= 1, step
+    assert json.load(open(tmp_path / "summary.json"))["final"].endswith("best")
+
+
+def test_eval_only_text_manifest_and_bad_prompt(world, tmp_path):
+    dev = [json.loads(x) for x in open(os.path.join(world["world"], "dev", "manifest.jsonl"))]
+    sf.write(tmp_path / "silent.wav", np.zeros(16000, dtype="float32"), 16000)
+    with open(tmp_path / "texts.jsonl", "w") as f:
+        f.write(json.dumps({"key": "a", "text": "alpha bravo two"}) + "\n")  # default prompt voice
+        f.write(json.dumps({"key": "b", "text": "monday at nine"}) + "\n")
+        f.write(json.dumps({"key": "c", "text": "one", "prompt_audio": str(tmp_path / "silent.wav")}) + "\n")
+    prompt = os.path.join(world["world"], "dev", dev[0]["audio"])
+    s = g.main(_args(world, tmp_path / "out", eval_only=True, test_data=[str(tmp_path / "texts.jsonl")],
+                     prompt_audio=prompt, prompt_text=dev[0]["text"]))
+    (res,) = s["test"].values()  # named after the manifest's folder
+    assert res["n"] == 2  # the silent prompt is skipped and counted
+    saved = json.load(open(tmp_path / "out" / "summary.json"))
+    assert saved["skipped"] == {"bad audio": 1}
+    wavs = sorted(os.listdir(tmp_path / "out" / "audio"))
+    assert set(wavs) <= {"a.wav", "b.wav"}
+    for w in wavs:
+        assert sf.info(str(tmp_path / "out" / "audio" / w)).samplerate == 16000
+
+
+def test_resume_continues_exactly(world, tmp_path):
+    g.main(_args(world, tmp_path / "a", steps=4, eval_every=2, audio_every=10))
+    g.main(_args(world, tmp_path / "b", steps=2, eval_every=2, audio_every=10))
+    g.main(_args(world, tmp_path / "b", steps=4, eval_every=2, audio_every=10))  # resumes at step 3
+    a = load_file(str(tmp_path / "a" / "last" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "last" / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_learning_reward_rises(world, tmp_path):
+    """On the tiny world the mean reward rises: the barely trained LM mostly runs past the
+    length limit (the floor reward), and GRPO teaches it to end its speech."""
+    g.main(_args(world, tmp_path, steps=80, batch_size=4, group_size=6, lr=3e-3, beta=0.0, eval_every=80,
+                 audio_every=100, w_dur=0.5, max_new_tokens=10))
+    rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+    r = [x["reward"] for x in rows]
+    assert sum(r[-10:]) / 10 > sum(r[:10]) / 10 + 0.25, r

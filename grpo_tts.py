@@ -157,7 +157,8 @@ def conditions(path: str, lm: TTSLM, tok: SpeechTokenizer, skips: Skips, a: Args
         elif a.prompt_audio:
             p_audio, p_text = a.prompt_audio, a.prompt_text
         else:
-            skips.warn(u.src, "no prompt voice", "no prompt_audio, no other line of its speaker, no --prompt_audio")
+            skips.warn(u.src, "no prompt voice",
+                       "no prompt_audio, no other line of its speaker, no --prompt_audio")
             continue
         try:
             pm = mel_of(p_audio)
@@ -393,12 +394,14 @@ def sampling_report(lm: TTSLM, conds: list[Cond], judges: dict, a: Args, g: int 
     std, the share of groups with reward std > 0.05, and outputs without eos."""
     gen = torch.Generator(device=a.device).manual_seed(a.seed + 1)
     outs, ended = synthesize(lm, conds, a, 1.0, gen, repeat=g)
-    hyps = transcribe(judges["reward_asr"], judge_mels(judges["t2m"], outs, lm.n_speech), a.reward_on == "wav")
+    hyps = transcribe(judges["reward_asr"], judge_mels(judges["t2m"], outs, lm.n_speech),
+                      a.reward_on == "wav")
     cer = torch.tensor([error_rate(conds[i // g].utt.text, h, "char") if ended[i] else 1.0
                         for i, h in enumerate(hyps)]).view(-1, g)  # [n, g]
     r = (1 - cer).clamp(0, 1)
     return {"sampled_cer": float(cer.mean()), "best_of_g_cer": float(cer.min(1).values.mean()),
-            "group_cer_std": float(cer.std(1).mean()), "frac_groups_std_gt_0.05": float((r.std(1) > 0.05).float().mean()),
+            "group_cer_std": float(cer.std(1).mean()),
+            "frac_groups_std_gt_0.05": float((r.std(1) > 0.05).float().mean()),
             "no_eos": 1 - sum(ended) / len(ended), "g": g}
 
 
@@ -443,8 +446,10 @@ def main(a: Args) -> dict:
         from sft_tts import build_tts_world
 
         w = build_tts_world()
-        split = {s: os.path.join(w["world"], s, "manifest.jsonl") for s in ("rl", "dev", "test-seen", "test-unseen")}
-        a.init, a.tokenizer, a.token2mel = a.init or w["tts_lm"], a.tokenizer or w["tokenizer"], a.token2mel or w["token2mel"]
+        split = {s: os.path.join(w["world"], s, "manifest.jsonl")
+                 for s in ("rl", "dev", "test-seen", "test-unseen")}
+        a.init, a.tokenizer, a.token2mel = (a.init or w["tts_lm"], a.tokenizer or w["tokenizer"],
+                                            a.token2mel or w["token2mel"])
         a.reward_asr, a.eval_asr = a.reward_asr or w["reward_asr"], a.eval_asr or w["eval_asr"]
         a.speaker_model = a.speaker_model or w["speaker"]
         a.data, a.dev_data = a.data or split["rl"], a.dev_data or split["dev"]
@@ -455,12 +460,14 @@ def main(a: Args) -> dict:
     os.makedirs(a.out_dir, exist_ok=True)
     lm: TTSLM = load_module(a.init, a.device)
     judges = {"tok": load_module(a.tokenizer), "t2m": load_module(a.token2mel, a.device),
-              "reward_asr": load_module(a.reward_asr, a.device), "eval_asr": load_module(a.eval_asr, a.device),
+              "reward_asr": load_module(a.reward_asr, a.device),
+              "eval_asr": load_module(a.eval_asr, a.device),
               "spk": load_module(a.speaker_model, a.device)}
     skips = Skips()
     tests = {set_name(p): conditions(p, lm, judges["tok"], skips, a) for p in a.test_data}
     if a.eval_only:
-        res = {name: evaluate(lm, c, judges, a, os.path.join(a.out_dir, "audio")) for name, c in tests.items()}
+        res = {name: evaluate(lm, c, judges, a, os.path.join(a.out_dir, "audio"))
+               for name, c in tests.items()}
         with open(os.path.join(a.out_dir, "summary.json"), "w") as fh:
             json.dump({"init": a.init, "test": res, "skipped": skips.as_dict()}, fh, indent=1)
         return {"test": res}
@@ -522,7 +529,8 @@ def main(a: Args) -> dict:
             sims = None
             if a.w_sim:  # Eq. T4 reads token2mel's mel, as the reward ASR does
                 have = [i for i, m in enumerate(mels) if m is not None]
-                s = judges["spk"].similarity([mels[i] for i in have], [batch[i // G].prompt_mel for i in have])
+                s = judges["spk"].similarity([mels[i] for i in have],
+                                             [batch[i // G].prompt_mel for i in have])
                 sims = [0.0] * len(outs)
                 for i, v in zip(have, s.tolist(), strict=True):
                     sims[i] = v

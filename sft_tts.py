@@ -150,7 +150,8 @@ def build_tokenizer(a, out, splits):
     with open(os.path.join(out, "tokens.json"), "w") as f:
         json.dump(tokens, f)
     n = [len(t) for t in tokens["train"].values()]
-    return {"tokens_per_utt": sum(n) / len(n), "codes_used": len({c for t in tokens["train"].values() for c in t})}
+    return {"tokens_per_utt": sum(n) / len(n),
+            "codes_used": len({c for t in tokens["train"].values() for c in t})}
 
 
 def build_token2wav(a, out, splits, tokens):
@@ -179,8 +180,10 @@ def build_token2wav(a, out, splits, tokens):
         net.train()
         return d
 
-    return train_until_plateau("token2mel", net.parameters(), lambda: loss_on(rng.sample(pairs, a.batch_size)),
-                               dev_fn, a.t2m_minutes, a, 2e-3, lambda: save_module(net, os.path.join(out, "token2mel")))
+    return train_until_plateau("token2mel", net.parameters(),
+                               lambda: loss_on(rng.sample(pairs, a.batch_size)),
+                               dev_fn, a.t2m_minutes, a, 2e-3,
+                               lambda: save_module(net, os.path.join(out, "token2mel")))
 
 
 def build_judges(a, out, splits, tokens, t2m):
@@ -190,12 +193,14 @@ def build_judges(a, out, splits, tokens, t2m):
     fake = []
     for s in tqdm(range(0, len(utts), 256), desc="token2mel of train"):
         fake += t2m.mel([torch.tensor(tokens["train"][u.key]) for u in utts[s : s + 256]])
-    data = [(m, u) for u, m in zip(utts, mels, strict=True)] + [(m, u) for u, m in zip(utts, fake, strict=True)]
+    data = ([(m, u) for u, m in zip(utts, mels, strict=True)]
+            + [(m, u) for u, m in zip(utts, fake, strict=True)])
     dev_u, dev_m = splits["dev"]
     dev_fake = t2m.mel([torch.tensor(tokens["dev"][u.key]) for u in dev_u])
     rng = random.Random(a.seed)
     report = {}
-    for name, cfg, minutes, seed in (("reward_asr", {"d": 192, "layers": 4, "conv_blocks": 2}, a.judge_minutes, 1),
+    for name, cfg, minutes, seed in (("reward_asr", {"d": 192, "layers": 4, "conv_blocks": 2},
+                                      a.judge_minutes, 1),
                                      ("eval_asr", {"d": 144, "layers": 3, "conv_blocks": 3},
                                       0.75 * a.judge_minutes, 2)):
         torch.manual_seed(a.seed + seed)
@@ -214,7 +219,8 @@ def build_judges(a, out, splits, tokens, t2m):
                           + corpus_error(refs, asr.transcribe(dev_fake), "char")["wer"])
 
         report[name] = train_until_plateau(name, asr.parameters(), step_fn, dev_fn, minutes, a, 1e-3,
-                                           lambda asr=asr, name=name: save_module(asr, os.path.join(out, name)))
+                                           lambda asr=asr, name=name: save_module(
+                                               asr, os.path.join(out, name)))
     speakers = sorted({u.speaker for u in utts})
     spk = SpeakerEncoder({"d": 128, "layers": 2, "n_speakers": len(speakers)})
     allm = torch.cat(mels)
@@ -274,7 +280,8 @@ def build_tts_lm(a, out, splits, tokens):
     def dev_fn():
         lm.eval()
         with torch.no_grad():
-            d = sum(float(nll(dev_ex[s : s + 64])) * len(dev_ex[s : s + 64]) for s in range(0, len(dev_ex), 64))
+            d = sum(float(nll(dev_ex[s : s + 64])) * len(dev_ex[s : s + 64])
+                    for s in range(0, len(dev_ex), 64))
         lm.train()
         return d / len(dev_ex)
 
@@ -301,7 +308,8 @@ def build_tts_world(a: Args | None = None) -> dict[str, str]:
              "token2mel": os.path.join(dirs["token2wav"], "token2mel"),
              "reward_asr": os.path.join(dirs["judges"], "reward_asr"),
              "eval_asr": os.path.join(dirs["judges"], "eval_asr"),
-             "speaker": os.path.join(dirs["judges"], "speaker"), "tts_lm": os.path.join(dirs["tts_lm"], "tts_lm")}
+             "speaker": os.path.join(dirs["judges"], "speaker"),
+             "tts_lm": os.path.join(dirs["tts_lm"], "tts_lm")}
     todo = [s for s in STAGES if not os.path.isfile(os.path.join(dirs[s], "done.json"))]
     if not todo:
         return paths

@@ -81,7 +81,8 @@ def read_manifest(path: str, skips: Skips, need_audio: bool = True) -> list[Utt]
             except ValueError as e:
                 skips.warn(where, "malformed JSON line", str(e)[:60])
                 continue
-            missing = [k for k in ("key", "audio")[: 1 + need_audio] if not isinstance(d.get(k), str) or not d[k]]
+            missing = [k for k in ("key", "audio")[: 1 + need_audio]
+                       if not isinstance(d.get(k), str) or not d[k]]
             if missing:
                 skips.warn(where, "missing field", ", ".join(missing))
                 continue

@@ -154,7 +154,8 @@ def mel_to_wav(mels: list[torch.Tensor], n_iter: int = 32) -> list[torch.Tensor]
     if key not in _gl:
         fb = AF.melscale_fbanks(N_FFT // 2 + 1, 0.0, SR / 2, N_MELS, SR)  # [201, 80], as log_mel's
         _gl[key] = (torch.linalg.pinv(fb).to(mels[0].device),
-                    AT.GriffinLim(N_FFT, n_iter, hop_length=HOP, power=2.0, rand_init=False).to(mels[0].device))
+                    AT.GriffinLim(N_FFT, n_iter, hop_length=HOP, power=2.0,
+                                  rand_init=False).to(mels[0].device))
     pinv, gl = _gl[key]
     x, lens = pad_batch(mels, value=-13.8)  # log(1e-6): silence
     spec = (x.float().exp() @ pinv).clamp(min=0).transpose(1, 2)  # [B, 201, T]
@@ -274,7 +275,8 @@ class TTSLM(nn.Module):
             pred.extend(range(first, first + len(out)))
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         y = torch.tensor([o for out in outputs for o in out], dtype=torch.long)
-        return ids.to(dev), mask.to(dev), pos.to(dev), torch.tensor(pred, dtype=torch.long, device=dev), y.to(dev)
+        return (ids.to(dev), mask.to(dev), pos.to(dev), torch.tensor(pred, dtype=torch.long, device=dev),
+                y.to(dev))
 
     def head(self, lm: nn.Module | None = None) -> torch.Tensor:
         """The output rows of the LM head: [K + 1, d]."""
@@ -290,7 +292,8 @@ def build_toy_tts(words: list[str], n_speech: int, d: int = 256, layers: int = 4
     tok = toy_tokenizer(words, prompt_token="<tts>")
     off = len(tok)
     cfg = Qwen2Config(vocab_size=off + n_speech + 2, hidden_size=d, intermediate_size=3 * d,
-                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+                      num_hidden_layers=layers, num_attention_heads=heads,
+                      num_key_value_heads=max(1, heads // 2),
                       max_position_embeddings=4096, tie_word_embeddings=True, attention_dropout=dropout,
                       pad_token_id=tok.pad_token_id, eos_token_id=off + n_speech, bos_token_id=None)
     return TTSLM({"kind": "tts_lm", "offset": off, "n_speech": n_speech}, Qwen2ForCausalLM(cfg), tok)
@@ -349,7 +352,8 @@ def load_module(path: str, device: str = "cpu") -> nn.Module:
     else:
         classes = {c.__name__: c for c in (SpeechTokenizer, Token2Mel, CTCRecognizer, SpeakerEncoder)}
         module = classes[kind](cfg)
-    missing, unexpected = module.load_state_dict(load_file(os.path.join(path, "model.safetensors")), strict=False)
+    missing, unexpected = module.load_state_dict(load_file(os.path.join(path, "model.safetensors")),
+                                                 strict=False)
     if [k for k in missing if not k.endswith("lm_head.weight")] or unexpected:
         raise ValueError(f"{path}: checkpoint does not match: missing {missing}, unexpected {unexpected}")
     if kind == "TTSLM":

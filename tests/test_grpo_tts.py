@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 import grpo_tts as g
 import sft_tts
-from common.tts import build_toy_tts
 from common.toy import vocabulary
+from common.tts import build_toy_tts
 
 
 def A(**kw):
@@ -77,7 +77,8 @@ def test_advantages_and_loss_by_hand():
     lp = torch.zeros(2, 3)
     mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
     a = A(group_size=2, beta=0.0, max_new_tokens=2)
-    for agg, want in (("grpo", -(1.0 + -1.0) / 2), ("dapo", -(3 * 1.0 - 1.0) / 4), ("dr_grpo", -(3 - 1) / (2 * 3))):
+    for agg, want in (("grpo", -(1.0 + -1.0) / 2), ("dapo", -(3 * 1.0 - 1.0) / 4),
+                      ("dr_grpo", -(3 - 1) / (2 * 3))):
         a.loss_agg = agg
         loss, st = g.grpo_loss(lp, lp, None, torch.tensor([1.0, -1.0]), mask, a)
         assert loss.item() == pytest.approx(want), agg
@@ -120,10 +121,13 @@ def world(tmp_path_factory):
 def _args(w, out, **kw):
     split = {s: os.path.join(w["world"], s, "manifest.jsonl") for s in TINY}
     first = json.loads(open(split["dev"]).readline())
-    base = dict(prompt_audio=os.path.join(w["world"], "dev", first["audio"]), prompt_text=first["text"],init=w["tts_lm"], tokenizer=w["tokenizer"], token2mel=w["token2mel"], reward_asr=w["reward_asr"],
+    base = dict(prompt_audio=os.path.join(w["world"], "dev", first["audio"]), prompt_text=first["text"],
+                init=w["tts_lm"], tokenizer=w["tokenizer"], token2mel=w["token2mel"],
+                reward_asr=w["reward_asr"],
                 eval_asr=w["eval_asr"], speaker_model=w["speaker"], data=split["rl"], dev_data=split["dev"],
                 test_data=[split["test-seen"], split["test-unseen"]], out_dir=str(out), steps=2, batch_size=2,
-                group_size=3, max_new_tokens=12, lr=1e-3, eval_every=1, audio_every=1, n_audio=2, device="cpu",
+                group_size=3, max_new_tokens=12, lr=1e-3, eval_every=1, audio_every=1, n_audio=2,
+                device="cpu",
                 bf16=False, threads=1)
     return g.Args(**{**base, **kw})
 

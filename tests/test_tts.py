@@ -3,9 +3,21 @@ checkpoints of every TTS module."""
 import torch
 
 from common.audio import log_mel
-from common.tts import (CHARS, TOKEN_HOP, CTCRecognizer, SpeakerEncoder, SpeechTokenizer, Token2Mel,
-                        build_toy_tts, kmeans, load_module, mel_to_wav, nearest, save_module)
 from common.toy import vocabulary
+from common.tts import (
+    CHARS,
+    TOKEN_HOP,
+    CTCRecognizer,
+    SpeakerEncoder,
+    SpeechTokenizer,
+    Token2Mel,
+    build_toy_tts,
+    kmeans,
+    load_module,
+    mel_to_wav,
+    nearest,
+    save_module,
+)
 
 
 def test_kmeans_finds_separated_clusters():
@@ -15,7 +27,8 @@ def test_kmeans_finds_separated_clusters():
     c = kmeans(x, 3, iters=10)
     found = sorted(tuple(round(v) for v in row.tolist()) for row in c)
     assert found == [(0, 0), (0, 10), (10, 0)]
-    assert nearest(torch.tensor([[9.0, 1.0]]), c).item() == int((c - torch.tensor([9.0, 1.0])).norm(dim=1).argmin())
+    assert nearest(torch.tensor([[9.0, 1.0]]), c).item() == int(
+        (c - torch.tensor([9.0, 1.0])).norm(dim=1).argmin())
 
 
 def test_tokenizer_shapes_and_determinism(tmp_path):
@@ -98,7 +111,8 @@ def test_tts_lm_checkpoint_roundtrip(tmp_path):
     ids = torch.tensor([lm.prompt("one", "two", [1, 2])])
     torch.testing.assert_close(back.lm(input_ids=ids).logits, lm.lm(input_ids=ids).logits)
     assert back.offset == lm.offset and back.n_speech == 10
-    assert back.lm.get_output_embeddings().weight.data_ptr() == back.lm.get_input_embeddings().weight.data_ptr()
+    assert (back.lm.get_output_embeddings().weight.data_ptr()
+            == back.lm.get_input_embeddings().weight.data_ptr())
 
 
 def test_load_real_tts_from_a_local_folder(tmp_path):

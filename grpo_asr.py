@@ -23,9 +23,18 @@ import torch
 from tqdm import tqdm
 
 from common import parse_args
-from common.data import Skips, Utt, load_audio_items, read_data, set_name
+from common.data import (
+    Skips,
+    Utt,
+    corpus_error,
+    edit_ops,
+    error_rate,
+    load_audio_items,
+    normalize,
+    read_data,
+    set_name,
+)
 from common.logprob import token_logprobs
-from common.metrics import corpus_error, edit_ops, error_rate, normalize
 from common.models import SpeechLLM, collate, sample, transcribe
 from common.toy import KEYWORDS, build_toy_world
 

@@ -23,9 +23,8 @@ from tqdm import tqdm
 
 from common import parse_args
 from common.audio import f0, load_audio, log_mel, write_wav
-from common.data import Skips, Utt, read_data, set_name
+from common.data import Skips, Utt, corpus_error, error_rate, read_data, set_name
 from common.logprob import token_logprobs
-from common.metrics import corpus_error, error_rate
 from common.models import sample
 from common.tts import TTSLM, CTCRecognizer, SpeechTokenizer, Token2Mel, load_module, mel_to_wav, save_module
 

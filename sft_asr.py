@@ -18,9 +18,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import parse_args
-from common.data import Skips, length_batches, load_audio_items, read_data, set_name
+from common.data import Skips, corpus_error, length_batches, load_audio_items, read_data, set_name
 from common.logprob import token_logprobs
-from common.metrics import corpus_error
 from common.models import SpeechLLM, build_toy_asr, collate, load_real_asr, transcribe
 from common.toy import build_toy_world, cache_root, vocabulary
 

@@ -28,9 +28,8 @@ from tqdm import tqdm
 
 from common import parse_args
 from common.audio import log_mel
-from common.data import Skips, load_audio_items, read_data
+from common.data import Skips, corpus_error, load_audio_items, read_data
 from common.logprob import token_logprobs
-from common.metrics import corpus_error
 from common.toy import TTS_SIZES, build_toy_world, cache_root, vocabulary
 from common.tts import (
     TOKEN_HOP,

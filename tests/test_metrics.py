@@ -1,6 +1,6 @@
 import pytest
 
-from common.metrics import cer, corpus_error, edit_ops, normalize, wer
+from common.data import cer, corpus_error, edit_ops, normalize, wer
 
 
 @pytest.mark.parametrize("raw, norm", [

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from common.metrics import normalize
+from common.data import normalize
 from common.toy import (
     KEYWORDS,
     TRAIN_VOICES,

@@ -250,30 +250,28 @@ def pitch_diversity(wav: torch.Tensor, scale: float) -> float:
     return min(float(p.std()) / scale, 1.0) if len(p) > 1 else 0.0
 
 
-FLOOR = {"acc": 0.0, "dur": -1.0, "div": 0.0, "sim": -1.0}  # what a failed output gets
+FLOOR = {"acc": 0.0, "dur": -1.0, "div": 0.0, "sim": -1.0}  # each term's lowest value
 
 
 def group_rewards(text: str, outs: list[list[int]], ended: list[bool], hyps: list[str],
                   mels: list, sims: list[float] | None, a: Args) -> list[dict[str, float]]:
     """Every reward term R_k for the G outputs of one text. An output without eos or
-    without audio gets every term's floor (the lowest reward) and `fail` = 1."""
+    without audio gets the floor of every term (the lowest reward) and `fail` = 1."""
     ok = [e and m is not None for e, m in zip(ended, mels, strict=True)]
-    lens = [len(o) - 1 for o in outs]  # speech tokens (eos excluded)
-    dur = reward_duration([n for n, k in zip(lens, ok, strict=True) if k]) if any(ok) else []
-    div = token_diversity(outs) if a.w_div else [0.0] * len(outs)
-    terms, j = [], 0
-    for i in range(len(outs)):
-        if not ok[i]:
-            terms.append({**FLOOR, "fail": 1.0})
-            continue
+    valid = [i for i in range(len(outs)) if ok[i]]
+    active = ["acc", "dur"] + ["div"] * bool(a.w_div) + ["sim"] * (sims is not None)
+    terms = [{**{k: FLOOR[k] for k in active}, "fail": 1.0} for _ in outs]
+    dur = reward_duration([len(outs[i]) - 1 for i in valid]) if valid else []  # eos excluded
+    if a.w_div:
+        tok_div = token_diversity(outs)
+        wavs = mel_to_wav([mels[i] for i in valid])  # Griffin-Lim only where T3 needs pitch
+    for j, i in enumerate(valid):
         t = {"acc": reward_accuracy(text, hyps[i]), "dur": dur[j], "fail": 0.0}  # Eqs. T1, T2
-        j += 1
-        if a.w_div:  # Eq. T3: token + pitch diversity
-            wav = mel_to_wav([mels[i]])[0]
-            t["div"] = 0.5 * (div[i] + pitch_diversity(wav, a.pitch_scale))
+        if a.w_div:  # Eq. T3: token + pitch diversity, each in [0, 1]
+            t["div"] = 0.5 * (tok_div[i] + pitch_diversity(wavs[j], a.pitch_scale))
         if sims is not None:  # Eq. T4
             t["sim"] = sims[i]
-        terms.append(t)
+        terms[i] = t
     return terms
 
 

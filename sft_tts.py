@@ -78,6 +78,8 @@ class Args:
     """steps between dev checks (every stage)"""
     patience: int = 3
     """dev checks without improvement before a stage stops"""
+    max_steps: int = 0
+    """stop every stage after this many steps too (0 = only the time budget and patience)"""
     seed: int = 0
     """random seed"""
     threads: int = 0
@@ -99,6 +101,8 @@ def cached(a: Args, world: str, stage: str) -> str:
             "tts_lm": ["lm_d", "lm_layers", "lm_lr", "lm_minutes", "patience"]}
     cfg = {k: getattr(a, k) for s in upto for k in keys[s]} | {"seed": a.seed, "bs": a.batch_size,
                                                                "every": a.eval_every}
+    if a.max_steps:
+        cfg["max_steps"] = a.max_steps
     h = hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:8]
     return os.path.join(cache_root(), f"tts-{os.path.basename(world)}", f"{stage}-{h}")
 
@@ -114,7 +118,8 @@ def train_until_plateau(name: str, params, step_fn, dev_fn, minutes: float, a: A
     bar = tqdm(desc=name, unit="step")
     while True:
         step += 1
-        frac = min((time.time() - t0) / (60 * minutes), 1.0)
+        # the schedule runs over the step cap if there is one (reproducible), else the time budget
+        frac = step / a.max_steps if a.max_steps else min((time.time() - t0) / (60 * minutes), 1.0)
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, step / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
         loss = step_fn()
@@ -124,7 +129,8 @@ def train_until_plateau(name: str, params, step_fn, dev_fn, minutes: float, a: A
         opt.step()
         bar.update()
         bar.set_postfix(loss=f"{loss.item():.3f}")
-        if step % a.eval_every == 0 or frac >= 1.0:
+        last = frac >= 1.0 or time.time() - t0 > 60 * minutes
+        if step % a.eval_every == 0 or last:
             d = dev_fn()
             hist.append({"step": step, "min": round((time.time() - t0) / 60, 2), "dev": d})
             bar.write(f"{name} step {step} ({hist[-1]['min']} min): dev {d:.4f}")
@@ -133,7 +139,7 @@ def train_until_plateau(name: str, params, step_fn, dev_fn, minutes: float, a: A
                 save_fn()
             else:
                 bad += 1
-            if bad >= a.patience or frac >= 1.0:
+            if bad >= a.patience or last:
                 break
     bar.close()
     return {"best_dev": best, "steps": step, "minutes": round((time.time() - t0) / 60, 2),

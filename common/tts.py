@@ -231,6 +231,8 @@ class SpeakerEncoder(nn.Module):
     @torch.no_grad()
     def similarity(self, a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
         """Cosine similarity of pairs (a_i, b_i) of log-mels -> [B]."""
+        if not a:
+            return torch.zeros(0)
         was = self.training
         self.eval()
         s = (self(a) * self(b)).sum(-1)

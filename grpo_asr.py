@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm import tqdm
 
-from common import parse_args
+from common import parse_args, peak_mem_mb, plot_curves
 from common.data import (
     Skips,
     Utt,
@@ -366,30 +366,9 @@ def write_manifest(path: str, utts: list[Utt]) -> None:
 
 
 def plot(out_dir: str, log: list[dict], dev: list[dict]) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plots (pip install matplotlib)")
-        return
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
-    ax[0].plot([r["step"] for r in log], [r["reward"] for r in log])
-    ax[0].set(xlabel="step", ylabel="mean reward", title="reward")
-    ax[1].plot([r["step"] for r in dev], [r["wer"] for r in dev], marker="o")
-    ax[1].set(xlabel="step", ylabel="WER", title="dev WER (greedy)")
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "curves.png"), dpi=100)
-    plt.close(fig)
-
-
-def peak_mem_mb(device: str) -> float:
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak RSS of the process
+    plot_curves(os.path.join(out_dir, "curves.png"), [
+        ("reward", "mean reward", [r["step"] for r in log], [r["reward"] for r in log]),
+        ("dev WER (greedy)", "WER", [r["step"] for r in dev], [r["wer"] for r in dev])])
 
 
 # ------------------------------------------------------------------ the loop

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm import tqdm
 
-from common import parse_args
+from common import parse_args, peak_mem_mb, plot_curves
 from common.audio import f0, load_audio, log_mel, write_wav
 from common.data import Skips, Utt, corpus_error, error_rate, read_data, set_name
 from common.logprob import token_logprobs
@@ -403,32 +403,10 @@ def sampling_report(lm: TTSLM, conds: list[Cond], judges: dict, a: Args, g: int 
 
 
 def plot(out_dir: str, log: list[dict], dev: list[dict]) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plots (pip install matplotlib)")
-        return
-    fig, ax = plt.subplots(1, 3, figsize=(13, 3.5))
-    ax[0].plot([r["step"] for r in log], [r["reward"] for r in log])
-    ax[0].set(xlabel="step", ylabel="mean reward", title="reward")
-    ax[1].plot([r["step"] for r in dev], [r["cer"] for r in dev], marker="o")
-    ax[1].set(xlabel="step", ylabel="CER", title="dev CER (eval ASR, greedy)")
-    ax[2].plot([r["step"] for r in dev], [r["sim"] for r in dev], marker="o")
-    ax[2].set(xlabel="step", ylabel="SIM", title="dev speaker similarity")
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "curves.png"), dpi=100)
-    plt.close(fig)
-
-
-def peak_mem_mb(device: str) -> float:
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak RSS of the process
+    plot_curves(os.path.join(out_dir, "curves.png"), [
+        ("reward", "mean reward", [r["step"] for r in log], [r["reward"] for r in log]),
+        ("dev CER (eval ASR, greedy)", "CER", [r["step"] for r in dev], [r["cer"] for r in dev]),
+        ("dev speaker similarity", "SIM", [r["step"] for r in dev], [r["sim"] for r in dev])])
 
 
 # ------------------------------------------------------------------ the loop

@@ -60,8 +60,10 @@ class Args:
     """token2mel residual conv blocks"""
     t2m_minutes: float = 5.0
     """token2mel training budget"""
-    judge_minutes: float = 8.0
+    judge_minutes: float = 10.0
     """reward ASR training budget (the evaluation ASR gets 3/4 of it)"""
+    judge_batch: int = 16
+    """utterances per step of the recognisers (compute-bound on CPU: more, smaller steps)"""
     spk_minutes: float = 2.0
     """speaker encoder training budget"""
     lm_d: int = 256
@@ -97,7 +99,7 @@ def cached(a: Args, world: str, stage: str) -> str:
     """The stage's folder: named by its settings and everything upstream of it."""
     upto = STAGES[: STAGES.index(stage) + 1]
     keys = {"tokenizer": ["n_tokens"], "token2wav": ["t2m_d", "t2m_blocks", "t2m_minutes"],
-            "judges": ["judge_minutes", "spk_minutes"],
+            "judges": ["judge_minutes", "judge_batch", "spk_minutes"],
             "tts_lm": ["lm_d", "lm_layers", "lm_lr", "lm_minutes", "patience"]}
     cfg = {k: getattr(a, k) for s in upto for k in keys[s]} | {"seed": a.seed, "bs": a.batch_size,
                                                                "every": a.eval_every}
@@ -204,15 +206,16 @@ def build_judges(a, out, splits, tokens, t2m):
     dev_fake = t2m.mel([torch.tensor(tokens["dev"][u.key]) for u in dev_u])
     rng = random.Random(a.seed)
     report = {}
-    for name, cfg, minutes, seed in (("reward_asr", {"d": 192, "layers": 4, "conv_blocks": 2},
+    # two different recognisers: the evaluation ASR is smaller, shaped differently, seeded apart
+    for name, cfg, minutes, seed in (("reward_asr", {"d": 144, "layers": 3, "conv_blocks": 3},
                                       a.judge_minutes, 1),
-                                     ("eval_asr", {"d": 144, "layers": 3, "conv_blocks": 3},
+                                     ("eval_asr", {"d": 128, "layers": 3, "conv_blocks": 2},
                                       0.75 * a.judge_minutes, 2)):
         torch.manual_seed(a.seed + seed)
         asr = CTCRecognizer(cfg)
 
         def step_fn(asr=asr):
-            batch = rng.sample(data, a.batch_size)
+            batch = rng.sample(data, a.judge_batch)
             lp, hl = asr([m for m, _ in batch])
             ys = [torch.tensor(CTCRecognizer.targets(u.text)) for _, u in batch]
             return F.ctc_loss(lp.transpose(0, 1), torch.cat(ys), hl, torch.tensor([len(y) for y in ys]),

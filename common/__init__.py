@@ -43,3 +43,33 @@ def parse_args(cls, argv: list[str] | None = None):
         if ns[f.name] is None and typing.get_origin(hints[f.name]) is list:
             ns[f.name] = f.default_factory()
     return cls(**ns)
+
+
+def peak_mem_mb(device: str) -> float:
+    """Peak memory of this process so far: CUDA allocations, or on CPU the peak RSS."""
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def plot_curves(path: str, panels: list[tuple[str, str, list, list]]) -> None:
+    """One PNG, a panel per (title, y label, steps, values). matplotlib is optional."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plots (pip install matplotlib)")
+        return
+    fig, ax = plt.subplots(1, len(panels), figsize=(4.3 * len(panels), 3.5), squeeze=False)
+    for axis, (title, ylabel, xs, ys) in zip(ax[0], panels, strict=True):
+        axis.plot(xs, ys, marker="o" if len(xs) < 30 else None)
+        axis.set(xlabel="step", ylabel=ylabel, title=title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

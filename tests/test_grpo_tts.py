@@ -112,8 +112,9 @@ def world(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SPEECHRL_CACHE", str(root))
         mp.setattr(sft_tts, "TTS_SIZES", TINY)
-        a = sft_tts.Args(n_tokens=32, t2m_d=32, t2m_blocks=2, lm_d=32, lm_layers=1, eval_every=10, batch_size=8,
-                         max_steps=20)  # a step cap, not a time budget: the same world on any machine
+        # a step cap, not a time budget: the same tiny world on any machine
+        a = sft_tts.Args(n_tokens=32, t2m_d=32, t2m_blocks=2, lm_d=32, lm_layers=1, eval_every=10,
+                         batch_size=8, judge_batch=8, max_steps=20)
         paths = sft_tts.build_tts_world(a)
         assert sft_tts.build_tts_world(a) == paths  # cached: the second call builds nothing
     return paths

@@ -26,7 +26,16 @@ from common.audio import f0, load_audio, log_mel, write_wav
 from common.data import Skips, Utt, corpus_error, error_rate, read_data, set_name
 from common.logprob import token_logprobs
 from common.models import sample
-from common.tts import TTSLM, CTCRecognizer, SpeechTokenizer, Token2Mel, load_module, mel_to_wav, save_module
+from common.tts import (
+    TTSLM,
+    SpeechTokenizer,
+    Token2Mel,
+    load_judge,
+    load_module,
+    mel_to_wav,
+    save_module,
+    transcribe_with,
+)
 
 
 @dataclass
@@ -55,9 +64,9 @@ class Args:
     token2mel: str = ""
     """token2wav's first half: tokens -> log-mel (Griffin-Lim does the rest)"""
     reward_asr: str = ""
-    """reward ASR (T1) folder"""
+    """reward ASR (T1) folder: ours (sft_tts.py) or a local Hugging Face Whisper"""
     eval_asr: str = ""
-    """evaluation ASR folder: reported CER/WER come from it, never from the reward ASR"""
+    """evaluation ASR folder (ours or a Whisper): reported CER/WER come from it, not the reward ASR"""
     speaker_model: str = ""
     """speaker encoder folder (T4 and the SIM metric)"""
     # --- GRPO (SPEC §1) ---
@@ -206,14 +215,16 @@ def judge_mels(t2m: Token2Mel, outs: list[list[int]], n_speech: int) -> list[tor
     return res
 
 
-def transcribe(asr: CTCRecognizer, mels: list[torch.Tensor | None], via_wav: bool) -> list[str]:
-    """Transcripts of token2wav outputs; via_wav reads the Griffin-Lim audio's log-mel."""
+def transcribe(asr: torch.nn.Module, mels: list[torch.Tensor | None], via_wav: bool) -> list[str]:
+    """Transcripts of token2wav outputs ("" where there is no audio). via_wav (or a judge
+    that reads audio, e.g. Whisper) goes through Griffin-Lim first."""
     have = [i for i, m in enumerate(mels) if m is not None]
     ms = [mels[i] for i in have]
-    if via_wav:
-        ms = [log_mel(w) for w in mel_to_wav(ms)]
+    wavs = mel_to_wav(ms) if via_wav or getattr(asr, "reads_audio", False) else None
+    if wavs is not None:
+        ms = [log_mel(w) for w in wavs]
     hyps = [""] * len(mels)
-    for i, h in zip(have, asr.transcribe(ms), strict=True):
+    for i, h in zip(have, transcribe_with(asr, ms, wavs), strict=True):
         hyps[i] = h
     return hyps
 
@@ -357,7 +368,8 @@ def evaluate(lm: TTSLM, conds: list[Cond], judges: dict, a: Args, wav_dir: str |
     for i, w in zip(have, mel_to_wav([mels[i] for i in have]), strict=True):
         wavs[i] = w
     hyps = [""] * len(outs)
-    for i, h in zip(have, judges["eval_asr"].transcribe([log_mel(wavs[i]) for i in have]), strict=True):
+    heard = transcribe_with(judges["eval_asr"], [log_mel(wavs[i]) for i in have], [wavs[i] for i in have])
+    for i, h in zip(have, heard, strict=True):
         hyps[i] = h
     refs = [c.utt.text for c in conds]
     sims = judges["spk"].similarity([log_mel(wavs[i]) for i in have], [conds[i].prompt_mel for i in have])
@@ -378,11 +390,13 @@ def evaluate(lm: TTSLM, conds: list[Cond], judges: dict, a: Args, wav_dir: str |
 def resynth_cer(conds: list[Cond], judges: dict) -> dict[str, float]:
     """The floor: the evaluation ASR on real audio, and on token2wav(tokens of real audio)."""
     cs = [c for c in conds if c.utt.audio]
-    real = [log_mel(load_audio(c.utt.audio)) for c in cs]
-    fake = [log_mel(w) for w in mel_to_wav(judges["t2m"].mel([judges["tok"].encode(m) for m in real]))]
-    refs = [c.utt.text for c in cs]
-    return {"real": corpus_error(refs, judges["eval_asr"].transcribe(real), "char")["wer"],
-            "resynth": corpus_error(refs, judges["eval_asr"].transcribe(fake), "char")["wer"]}
+    real_wav = [load_audio(c.utt.audio) for c in cs]
+    real = [log_mel(w) for w in real_wav]
+    fake_wav = mel_to_wav(judges["t2m"].mel([judges["tok"].encode(m) for m in real]))
+    refs, asr = [c.utt.text for c in cs], judges["eval_asr"]
+    return {"real": corpus_error(refs, transcribe_with(asr, real, real_wav), "char")["wer"],
+            "resynth": corpus_error(refs, transcribe_with(asr, [log_mel(w) for w in fake_wav], fake_wav),
+                                    "char")["wer"]}
 
 
 @torch.no_grad()
@@ -435,8 +449,8 @@ def main(a: Args) -> dict:
     os.makedirs(a.out_dir, exist_ok=True)
     lm: TTSLM = load_module(a.init, a.device)
     judges = {"tok": load_module(a.tokenizer), "t2m": load_module(a.token2mel, a.device),
-              "reward_asr": load_module(a.reward_asr, a.device),
-              "eval_asr": load_module(a.eval_asr, a.device),
+              "reward_asr": load_judge(a.reward_asr, a.device),  # ours, or a local Whisper folder
+              "eval_asr": load_judge(a.eval_asr, a.device),
               "spk": load_module(a.speaker_model, a.device)}
     skips = Skips()
     tests = {set_name(p): conditions(p, lm, judges["tok"], skips, a) for p in a.test_data}

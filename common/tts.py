@@ -240,6 +240,64 @@ class SpeakerEncoder(nn.Module):
         return s
 
 
+class WhisperRecognizer(nn.Module):
+    """A local Whisper folder (model, feature extractor, tokenizer) as a judge of 16 kHz
+    audio, for real models: greedy decoding, batched, under no_grad. It reads audio, not
+    log-mels, so the reward goes through the whole of token2wav."""
+
+    reads_audio = True
+
+    def __init__(self, path: str, max_new_tokens: int = 96):
+        super().__init__()
+        from transformers import AutoFeatureExtractor, AutoTokenizer, WhisperForConditionalGeneration
+
+        self.model = WhisperForConditionalGeneration.from_pretrained(path, local_files_only=True).eval()
+        self.fe = AutoFeatureExtractor.from_pretrained(path, local_files_only=True)
+        self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.max_new_tokens = max_new_tokens
+        if hasattr(self.tok, "set_prefix_tokens"):  # <|startoftranscript|><|en|><|transcribe|>...
+            self.tok.set_prefix_tokens(language="english", task="transcribe", predict_timestamps=False)
+            self.prefix = self.tok.prefix_tokens
+        else:
+            self.prefix = [self.model.config.decoder_start_token_id]
+
+    @torch.no_grad()
+    def transcribe_audio(self, wavs: list[torch.Tensor], batch_size: int = 32) -> list[str]:
+        dev, eos = self.model.device, self.model.config.eos_token_id
+        out = []
+        for s in range(0, len(wavs), batch_size):
+            x = self.fe([w.cpu().numpy() for w in wavs[s : s + batch_size]], sampling_rate=SR,
+                        return_tensors="pt").input_features.to(dev, self.model.dtype)
+            enc = self.model.model.encoder(x).last_hidden_state
+            ids = torch.tensor([self.prefix] * len(x), device=dev)
+            done = torch.zeros(len(x), dtype=torch.bool, device=dev)
+            for _ in range(self.max_new_tokens):  # greedy; the decoder re-reads its prefix (short outputs)
+                logits = self.model(encoder_outputs=(enc,), decoder_input_ids=ids).logits[:, -1]
+                nxt = logits.argmax(-1).masked_fill(done, eos)
+                ids = torch.cat([ids, nxt[:, None]], 1)
+                done |= nxt == eos
+                if bool(done.all()):
+                    break
+            out += [" ".join(t.split()) for t in self.tok.batch_decode(ids[:, len(self.prefix):],
+                                                                        skip_special_tokens=True)]
+        return out
+
+
+def transcribe_with(asr: nn.Module, mels: list[torch.Tensor], wavs: list[torch.Tensor] | None = None):
+    """Any judge's transcripts: a CTCRecognizer reads log-mels, a Whisper reads audio."""
+    if getattr(asr, "reads_audio", False):
+        return asr.transcribe_audio(wavs if wavs is not None else mel_to_wav(mels))
+    return asr.transcribe(mels)
+
+
+def load_judge(path: str, device: str = "cpu") -> nn.Module:
+    """A recogniser folder: ours (save_module) or a Hugging Face Whisper."""
+    with open(os.path.join(path, "config.json")) as f:
+        if json.load(f).get("model_type") == "whisper":
+            return WhisperRecognizer(path).to(device)
+    return load_module(path, device)
+
+
 # ---------------------------------------------------------------- the TTS LM
 class TTSLM(nn.Module):
     """A causal LM over [text tokens][speech tokens][eos][sos]. Speech token s has id

@@ -136,3 +136,30 @@ def test_load_real_tts_from_a_local_folder(tmp_path):
     save_module(lm, str(tmp_path / "ckpt"))  # and it saves and loads like the toy one
     back = load_module(str(tmp_path / "ckpt"))
     torch.testing.assert_close(back.lm(input_ids=ids).logits, lm.lm.eval()(input_ids=ids).logits)
+
+
+def test_whisper_judge_from_a_local_folder(tmp_path):
+    """The real reward/eval ASR path: a Hugging Face Whisper folder (a tiny one from a config,
+    with a word-level tokenizer) loads by path and transcribes a batch of audio greedily."""
+    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
+
+    from common.models import toy_tokenizer
+    from common.tts import WhisperRecognizer, load_judge, transcribe_with
+
+    torch.manual_seed(0)
+    tok = toy_tokenizer(vocabulary())
+    cfg = WhisperConfig(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                        max_source_positions=100, max_target_positions=64, num_mel_bins=80, vocab_size=len(tok), pad_token_id=0,
+                        bos_token_id=3, eos_token_id=tok.eos_token_id, decoder_start_token_id=3)
+    WhisperForConditionalGeneration(cfg).save_pretrained(tmp_path / "w")
+    WhisperFeatureExtractor(feature_size=80, chunk_length=2).save_pretrained(tmp_path / "w")  # 2 s window
+    tok.save_pretrained(tmp_path / "w")
+    judge = load_judge(str(tmp_path / "w"))
+    assert isinstance(judge, WhisperRecognizer) and judge.prefix == [3]
+    judge.max_new_tokens = 5
+    wavs = [0.1 * torch.randn(8000), 0.1 * torch.randn(16000)]
+    hyps = transcribe_with(judge, [log_mel(w) for w in wavs], wavs)
+    assert len(hyps) == 2 and all(isinstance(h, str) for h in hyps)
+    assert all(len(h.split()) <= 5 for h in hyps)
+    assert hyps == judge.transcribe_audio(wavs[:1]) + judge.transcribe_audio(wavs[1:])  # batching is exact

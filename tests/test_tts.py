@@ -151,7 +151,8 @@ def test_whisper_judge_from_a_local_folder(tmp_path):
     cfg = WhisperConfig(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
                         decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
                         max_source_positions=100, max_target_positions=64, num_mel_bins=80,
-                        vocab_size=len(tok), pad_token_id=0, bos_token_id=3, eos_token_id=tok.eos_token_id, decoder_start_token_id=3)
+                        vocab_size=len(tok), pad_token_id=0, bos_token_id=3, eos_token_id=tok.eos_token_id,
+                        decoder_start_token_id=3)
     WhisperForConditionalGeneration(cfg).save_pretrained(tmp_path / "w")
     WhisperFeatureExtractor(feature_size=80, chunk_length=2).save_pretrained(tmp_path / "w")  # 2 s window
     tok.save_pretrained(tmp_path / "w")

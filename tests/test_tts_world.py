@@ -30,7 +30,8 @@ def test_resynthesis_of_real_tokens_beats_random_tokens(world):
     """The evaluation ASR on token2wav(tokens of real test audio) against token2wav(random
     tokens of the same lengths): the tokens must carry the words."""
     utts = read_data(os.path.join(world["world"], "test-seen", "manifest.jsonl"), Skips())[:100]
-    tok, t2m, asr = load_module(world["tokenizer"]), load_module(world["token2mel"]), load_judge(world["eval_asr"])
+    tok, t2m = load_module(world["tokenizer"]), load_module(world["token2mel"])
+    asr = load_judge(world["eval_asr"])
     real = [tok.encode(log_mel(load_audio(u.audio))) for u in utts]
     g = torch.Generator().manual_seed(0)
     rand = [torch.randint(tok.cfg["n_tokens"], t.shape, generator=g) for t in real]

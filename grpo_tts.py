@@ -155,13 +155,18 @@ def conditions(path: str, lm: TTSLM, tok: SpeechTokenizer, skips: Skips, a: Args
             mels[p] = log_mel(load_audio(p, 30.0))
         return mels[p]
 
+    by_speaker: dict[str, list[int]] = {}  # lines with audio, per speaker, in file order
+    for i, u in enumerate(utts):
+        if u.speaker and u.audio:
+            by_speaker.setdefault(u.speaker, []).append(i)
     out = []
     for i, u in enumerate(utts):
-        peers = [v for v in utts[i + 1:] + utts[:i] if v.speaker and v.speaker == u.speaker and v.audio]
+        peers = [j for j in by_speaker.get(u.speaker or "", []) if j != i]
+        nxt = next((j for j in peers if j > i), peers[0] if peers else None)  # the next line of its voice
         if u.prompt_audio:
             p_audio, p_text = u.prompt_audio, u.prompt_text or ""
-        elif peers:
-            p_audio, p_text = peers[0].audio, peers[0].text
+        elif nxt is not None:
+            p_audio, p_text = utts[nxt].audio, utts[nxt].text
         elif a.prompt_audio:
             p_audio, p_text = a.prompt_audio, a.prompt_text
         else:

@@ -2,6 +2,7 @@
 cases, the log-probs over the output slice, a tiny TTS world built end to end, a smoke run,
 eval-only on a text-only manifest, bad prompts, resume, and a learning test."""
 import json
+import math
 import os
 
 import numpy as np
@@ -201,3 +202,29 @@ def test_learning_reward_rises(world, tmp_path):
     rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
     r = [x["reward"] for x in rows]
     assert sum(r[-10:]) / 10 > sum(r[:10]) / 10 + 0.25, [round(x, 2) for x in r]
+
+
+def test_options_run_end_to_end(world, tmp_path):
+    """The reward ASR on Griffin-Lim audio, μ = 2, batch scaling, DAPO aggregation with
+    clip-higher, top-k/top-p and sampled evaluation, together for two steps."""
+    s = g.main(_args(world, tmp_path, reward_on="wav", mu=2, scale="batch", loss_agg="dapo", eps_high=0.28,
+                     top_k=8, top_p=0.9, eval_temperature=0.7, audio_every=10))
+    rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+    assert len(rows) == 2 and all(r["completions/max_length"] <= 13 for r in rows)  # 12 + eos at most
+    assert all(0.0 <= r["rewards/acc/mean"] <= 1.0 for r in rows)
+    assert s["after"]["test-seen"]["n"] == TINY["test-seen"]
+
+
+def test_nan_reward_is_named_counted_and_the_run_goes_on(world, tmp_path, monkeypatch, caplog):
+    real, calls = g.total_reward, {"n": 0}
+
+    def flaky(terms, a):
+        calls["n"] += 1
+        return float("nan") if calls["n"] % 3 == 0 else real(terms, a)
+    monkeypatch.setattr(g, "total_reward", flaky)
+    with caplog.at_level("WARNING", logger="speechrl"):
+        s = g.main(_args(world, tmp_path, audio_every=10))
+    assert s["skipped"]["non-finite reward (advantage 0)"] == 4  # 2 steps x 6 samples, every 3rd
+    assert any("manifest.jsonl:" in r.getMessage() and "non-finite" in r.getMessage() for r in caplog.records)
+    rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+    assert len(rows) == 2 and all(math.isfinite(r["loss"]) and math.isfinite(r["reward"]) for r in rows)

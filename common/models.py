@@ -90,6 +90,30 @@ class WhisperAudioEncoder(nn.Module):
         return h, (lens + 1) // 2  # the encoder's conv has stride 2
 
 
+# ---------------------------------------------------------------- checkpoints
+def save_folder(path: str, cfg: dict, config_name: str, module: nn.Module, extras=None) -> None:
+    """A checkpoint folder (config JSON + model.safetensors + whatever `extras(tmp)` writes),
+    written to path.tmp and renamed over path, so a crash never leaves half a checkpoint.
+    Tied weights (embedding = LM head) are stored once."""
+    tmp, old = path.rstrip("/") + ".tmp", path.rstrip("/") + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    with open(os.path.join(tmp, config_name), "w") as f:
+        json.dump(cfg, f, indent=1, default=str)
+    state, seen = {}, set()
+    for k, v in module.state_dict().items():
+        if v.data_ptr() not in seen:
+            seen.add(v.data_ptr())
+            state[k] = v.detach().contiguous().cpu()
+    save_file(state, os.path.join(tmp, WEIGHTS_NAME))
+    if extras is not None:
+        extras(tmp)
+    if os.path.exists(path):
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 # ---------------------------------------------------------------- the LLM-ASR
 class SpeechLLM(nn.Module):
     """audio -> encoder -> stack `stack` frames -> MLP projector -> LM input embeddings.
@@ -186,31 +210,15 @@ class SpeechLLM(nn.Module):
     # -- checkpoints ---------------------------------------------------------------------
     def save(self, path: str) -> None:
         """Atomic: written to path.tmp, then renamed over path."""
-        tmp, old = path.rstrip("/") + ".tmp", path.rstrip("/") + ".old"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
         cfg = dict(self.cfg, lm_config=self.lm.config.to_dict())
         if self.cfg["encoder"] == "whisper":
             cfg["whisper_config"] = self.encoder.encoder.config.to_dict()
-            self.feature_extractor.save_pretrained(os.path.join(tmp, "feature_extractor"))
-        elif self.cfg["encoder"] == "toy":
-            cfg["toy_encoder"] = self.cfg["toy_encoder"]
-        with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
-            json.dump(cfg, f, indent=1, default=str)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        seen: dict[int, str] = {}  # tied weights (embedding = LM head): store once
-        for k in list(state):
-            ptr = state[k].data_ptr()
-            if ptr in seen:
-                del state[k]
-            else:
-                seen[ptr] = k
-        save_file(state, os.path.join(tmp, WEIGHTS_NAME))
-        self.tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
-        if os.path.exists(path):
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
+
+        def extras(tmp: str) -> None:
+            self.tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
+            if self.cfg["encoder"] == "whisper":
+                self.feature_extractor.save_pretrained(os.path.join(tmp, "feature_extractor"))
+        save_folder(path, cfg, CONFIG_NAME, self, extras)
 
     @classmethod
     def load(cls, path: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> SpeechLLM:

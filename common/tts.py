@@ -18,17 +18,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchaudio.functional as AF
 import torchaudio.transforms as AT
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from common.audio import HOP, N_FFT, N_MELS, SR
-from common.models import ConvBlock, ToyEncoder, toy_tokenizer
+from common.models import WEIGHTS_NAME, ConvBlock, ToyEncoder, save_folder, toy_tokenizer
 
 TOKEN_HOP = 4  # mel frames (10 ms) per speech token: 25 Hz tokens
 CHARS = " abcdefghijklmnopqrstuvwxyz'"  # the CTC recognisers' alphabet; blank is the last id
@@ -375,27 +374,15 @@ def load_real_tts(lm_path: str, n_speech: int, dtype: torch.dtype = torch.float3
 
 # ---------------------------------------------------------------- checkpoints
 def save_module(module: nn.Module, path: str) -> None:
-    """config.json + model.safetensors (+ lm_config, tokenizer for a TTSLM), written to
-    path.tmp and renamed over path, so a crash never leaves half a checkpoint."""
-    tmp, old = path.rstrip("/") + ".tmp", path.rstrip("/") + ".old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    """config.json + model.safetensors (+ lm_config and tokenizer for a TTSLM), atomically."""
     cfg = dict(module.cfg, cls=type(module).__name__)
+    extras = None
     if isinstance(module, TTSLM):
         cfg["lm_config"] = module.lm.config.to_dict()
-        module.tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=1, default=str)
-    state, seen = {}, set()
-    for k, v in module.state_dict().items():  # tied weights (embedding = LM head): store once
-        if v.data_ptr() not in seen:
-            seen.add(v.data_ptr())
-            state[k] = v.detach().contiguous().cpu()
-    save_file(state, os.path.join(tmp, "model.safetensors"))
-    if os.path.exists(path):
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+
+        def extras(tmp: str) -> None:
+            module.tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
+    save_folder(path, cfg, "config.json", module, extras)
 
 
 def load_module(path: str, device: str = "cpu") -> nn.Module:
@@ -412,7 +399,7 @@ def load_module(path: str, device: str = "cpu") -> nn.Module:
     else:
         classes = {c.__name__: c for c in (SpeechTokenizer, Token2Mel, CTCRecognizer, SpeakerEncoder)}
         module = classes[kind](cfg)
-    missing, unexpected = module.load_state_dict(load_file(os.path.join(path, "model.safetensors")),
+    missing, unexpected = module.load_state_dict(load_file(os.path.join(path, WEIGHTS_NAME)),
                                                  strict=False)
     if [k for k in missing if not k.endswith("lm_head.weight")] or unexpected:
         raise ValueError(f"{path}: checkpoint does not match: missing {missing}, unexpected {unexpected}")

@@ -305,7 +305,7 @@ def build_tts_world(a: Args | None = None) -> dict[str, str]:
     torch.manual_seed(a.seed)
     if a.threads:
         torch.set_num_threads(a.threads)
-    world = os.path.dirname(os.path.dirname(build_toy_world(TTS_SIZES)["train"]))
+    world = os.path.dirname(os.path.dirname(build_toy_world(TTS_SIZES, snr_db=None)["train"]))
     dirs = {s: cached(a, world, s) for s in STAGES}
     for s in a.rebuild:
         if s not in STAGES:

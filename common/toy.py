@@ -6,6 +6,9 @@ digit strings and NATO call signs. Splits are by voice:
     test-unseen             voices in UNSEEN_VOICES, which training never hears
     rl                      voices in TRAIN_VOICES, new sentences, for RL (never used by SFT)
 
+Every ASR utterance gets background noise (white, pink or brown) at an SNR drawn from
+NOISE_SNR_DB; the TTS corpus is clean (snr_db=None), since a TTS learns to speak its targets.
+
 `build_toy_world()` is one call; it is cached under $SPEECHRL_CACHE (default: .cache
 in the repository) in a folder named by the hash of its recipe, so it is rebuilt only
 when the recipe changes.
@@ -21,6 +24,7 @@ import subprocess
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
+import torch
 from tqdm import tqdm
 
 from common.audio import load_audio, write_wav
@@ -149,6 +153,26 @@ DEFAULT_SIZES = {"train": 4000, "dev": 300, "test-seen": 300, "test-unseen": 300
 # The TTS side needs more speech: at about 3k utterances a tiny TTS LM overfits in minutes.
 # Its test-unseen sets the prompt voice the TTS never heard; rl holds the GRPO texts.
 TTS_SIZES = {"train": 15000, "dev": 200, "test-seen": 200, "test-unseen": 300, "rl": 1000}
+# Clean synthetic speech is too easy: a small recogniser converges at a seen-voice WER of
+# about 0.04, which leaves RL almost nothing to fix. Noise at 0-20 dB SNR makes it a task
+# with a spread of difficulty, as real corpora have.
+NOISE_SNR_DB = (0.0, 20.0)
+NOISE_COLOURS = {"white": 0.0, "pink": 1.0, "brown": 2.0}  # power spectrum ~ 1 / f^alpha
+
+
+def add_noise(wav: torch.Tensor, snr_db: float, colour: str, seed: int) -> torch.Tensor:
+    """wav [S] plus seeded Gaussian noise of a colour, scaled to `snr_db` against the
+    speech's power (the power of the samples above 1% of the peak, so leading and
+    trailing silence do not count as speech)."""
+    g = torch.Generator().manual_seed(seed)
+    spec = torch.fft.rfft(torch.randn(wav.shape[0], generator=g))  # [S/2+1]
+    f = torch.arange(spec.shape[0], dtype=torch.float32).clamp(min=1.0)
+    noise = torch.fft.irfft(spec * f.pow(-NOISE_COLOURS[colour] / 2), n=wav.shape[0])  # [S]
+    speech = wav[wav.abs() > 0.01 * wav.abs().max()]
+    p_speech = speech.pow(2).mean() if speech.numel() else wav.pow(2).mean()
+    noise = noise * (p_speech / (noise.pow(2).mean() * 10 ** (snr_db / 10))).sqrt()
+    out = wav + noise
+    return out / max(1.0, out.abs().max().item())  # no clipping in the 16-bit WAV
 
 
 def synthesize(engine: str, voice: str, text: str, rate: float, out_path: str) -> float:
@@ -181,9 +205,13 @@ def cache_root() -> str:
     return os.environ.get("SPEECHRL_CACHE", os.path.join(REPO, ".cache"))
 
 
-def recipe(sizes: dict[str, int] | None = None, seed: int = 0) -> dict:
-    return {"version": RECIPE_VERSION, "sizes": sizes or DEFAULT_SIZES, "seed": seed,
-            "train_voices": TRAIN_VOICES, "unseen_voices": UNSEEN_VOICES}
+def recipe(sizes: dict[str, int] | None = None, seed: int = 0,
+           snr_db: tuple[float, float] | None = NOISE_SNR_DB) -> dict:
+    r = {"version": RECIPE_VERSION, "sizes": sizes or DEFAULT_SIZES, "seed": seed,
+         "train_voices": TRAIN_VOICES, "unseen_voices": UNSEEN_VOICES}
+    if snr_db is not None:  # a clean recipe keeps the hash it had before noise existed
+        r["snr_db"] = list(snr_db)
+    return r
 
 
 def recipe_hash(r: dict) -> str:
@@ -206,17 +234,24 @@ def _plan(r: dict) -> dict[str, list[dict]]:
             engine, voice, gender = voices[len(items) % len(voices)]
             rate = round(rng.uniform(0.8, 1.25), 3)
             key = f"{split}-{len(items):05d}"
-            items.append({"key": key, "audio": f"wav/{split}/{key}.wav", "text": text,
-                          "speaker": f"{engine}:{voice}", "gender": gender, "rate": rate,
-                          "keywords": [w for w in text.split() if w in KEYWORDS]})
+            item = {"key": key, "audio": f"wav/{split}/{key}.wav", "text": text,
+                    "speaker": f"{engine}:{voice}", "gender": gender, "rate": rate,
+                    "keywords": [w for w in text.split() if w in KEYWORDS]}
+            if r.get("snr_db"):
+                item["snr_db"] = round(rng.uniform(*r["snr_db"]), 1)
+                item["noise"] = rng.choice(sorted(NOISE_COLOURS))
+                item["noise_seed"] = rng.randrange(2**31)
+            items.append(item)
         plan[split] = items
     return plan
 
 
 def build_toy_world(sizes: dict[str, int] | None = None, seed: int = 0, root: str | None = None,
-                    progress: bool = True, workers: int = 2) -> dict[str, str]:
-    """Build (or find cached) the toy corpus; returns {split: manifest path}."""
-    r = recipe(sizes, seed)
+                    progress: bool = True, workers: int = 2,
+                    snr_db: tuple[float, float] | None = NOISE_SNR_DB) -> dict[str, str]:
+    """Build (or find cached) the toy corpus; returns {split: manifest path}.
+    snr_db: the range of background-noise SNRs in dB (None = clean speech)."""
+    r = recipe(sizes, seed, snr_db)
     out = os.path.join(root or cache_root(), f"toy-{recipe_hash(r)}")
     manifests = {s: os.path.join(out, s, "manifest.jsonl") for s in r["sizes"]}
     if os.path.isfile(os.path.join(out, "recipe.json")):
@@ -231,7 +266,13 @@ def build_toy_world(sizes: dict[str, int] | None = None, seed: int = 0, root: st
         path = os.path.join(tmp, it["audio"])
         if not os.path.isfile(path):
             engine, voice = it["speaker"].split(":", 1)
-            synthesize(engine, voice, it["text"], it["rate"], path)
+            if "snr_db" not in it:
+                synthesize(engine, voice, it["text"], it["rate"], path)
+            else:  # the noisy file is written last, so a resumed build never finds a clean one
+                clean = path + ".clean.wav"
+                synthesize(engine, voice, it["text"], it["rate"], clean)
+                write_wav(path, add_noise(load_audio(clean), it["snr_db"], it["noise"], it["noise_seed"]))
+                os.remove(clean)
         return job
 
     durations = {}

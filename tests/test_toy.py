@@ -1,14 +1,18 @@
 import json
+import math
 import os
 import random
 
 import pytest
+import torch
 
 from common.data import normalize
 from common.toy import (
     KEYWORDS,
+    NOISE_COLOURS,
     TRAIN_VOICES,
     UNSEEN_VOICES,
+    add_noise,
     build_toy_world,
     number_words,
     ordinal_words,
@@ -50,6 +54,29 @@ def test_recipe_hash_changes_with_recipe():
     assert recipe_hash(recipe({"train": 3})) != recipe_hash(recipe({"train": 4}))
 
 
+def test_noise_hits_its_snr_is_seeded_and_coloured():
+    # a "speech" of +-0.3 (power 0.09) between two silences that must not count as speech
+    speech = torch.cat([torch.zeros(4000), 0.3 * torch.sign(torch.sin(torch.arange(16000) * 0.05) + 1e-3),
+                        torch.zeros(4000)])
+    low = {}
+    for colour in NOISE_COLOURS:
+        noisy = add_noise(speech, 7.5, colour, seed=3)
+        noise = noisy - speech
+        assert 10 * math.log10(0.09 / noise.pow(2).mean().item()) == pytest.approx(7.5, abs=1e-3)
+        assert torch.equal(noisy, add_noise(speech, 7.5, colour, seed=3))
+        assert not torch.equal(noisy, add_noise(speech, 7.5, colour, seed=4))
+        p = torch.fft.rfft(noise).abs().pow(2)
+        low[colour] = (p[: len(p) // 16].sum() / p.sum()).item()  # share of power below 500 Hz
+    assert low["brown"] > low["pink"] > low["white"]
+    assert low["white"] == pytest.approx(1 / 16, abs=0.01)
+
+
+def test_the_clean_recipe_is_the_old_one():
+    # the TTS corpus is clean: its recipe (and so its cache folder) is what it was before noise
+    assert "snr_db" not in recipe(snr_db=None) and recipe()["snr_db"] == [0.0, 20.0]
+    assert recipe_hash(recipe(snr_db=None)) != recipe_hash(recipe())
+
+
 def test_tiny_build_is_split_by_voice_and_cached(tmp_path):
     sizes = {"train": 6, "dev": 2, "test-seen": 2, "test-unseen": 3}
     m = build_toy_world(sizes, root=str(tmp_path), progress=False)
@@ -64,6 +91,7 @@ def test_tiny_build_is_split_by_voice_and_cached(tmp_path):
         path = os.path.join(os.path.dirname(m["dev"]), r["audio"])
         assert os.path.isfile(path) and r["duration"] > 0.3
         assert r["keywords"] == [w for w in r["text"].split() if w in KEYWORDS]
+        assert 0.0 <= r["snr_db"] <= 20.0 and r["noise"] in NOISE_COLOURS
     stamp = os.path.getmtime(m["train"])
     assert build_toy_world(sizes, root=str(tmp_path), progress=False) == m  # cached: no rebuild
     assert os.path.getmtime(m["train"]) == stamp

@@ -35,7 +35,7 @@ from common.data import (
     set_name,
 )
 from common.logprob import token_logprobs
-from common.models import SpeechLLM, collate, sample, transcribe
+from common.models import SpeechLLM, collate, load_qwen2_audio, sample, transcribe
 from common.toy import KEYWORDS, build_toy_world
 
 
@@ -51,6 +51,8 @@ class Args:
     """test manifests (repeatable); empty = toy test-seen and test-unseen"""
     init: str = ""
     """warm-start SpeechLLM checkpoint; empty = the cached toy SFT model (trained if missing)"""
+    qwen2_audio: str = ""
+    """local Qwen2AudioForConditionalGeneration folder: the policy itself, instead of --init"""
     out_dir: str = "runs/grpo_asr"
     """checkpoints, metrics.jsonl, plots and summary.json go here"""
     eval_only: bool = False
@@ -382,15 +384,21 @@ def main(a: Args) -> dict:
         world = build_toy_world()
         a.data, a.dev_data = world["rl"], a.dev_data or world["dev"]  # RL data SFT never saw
         a.test_data = a.test_data or [world["test-seen"], world["test-unseen"]]
-    if not a.init:
+    if a.init and a.qwen2_audio:
+        raise SystemExit("give --init or --qwen2_audio, not both")
+    if not a.init and not a.qwen2_audio:
         if not toy:
-            raise SystemExit("--init WARM_START is needed with --data (train one with sft_asr.py)")
+            raise SystemExit("--init WARM_START (or --qwen2_audio DIR) is needed with --data")
         from sft_asr import toy_warm_start
 
         a.init = toy_warm_start()
     t_start = time.time()
     os.makedirs(a.out_dir, exist_ok=True)
-    model = SpeechLLM.load(a.init, a.device)
+    if a.qwen2_audio:  # the same loop, with Qwen2-Audio's own tower, projector and LM
+        model = load_qwen2_audio(a.qwen2_audio).to(a.device)
+        a.init = a.qwen2_audio
+    else:
+        model = SpeechLLM.load(a.init, a.device)
     skips = Skips()
     tests = {set_name(p): featurize(model, p, skips, a) for p in a.test_data}
     lexicon = set(KEYWORDS) if toy else {w for u, _ in tests.values() for x in u for k in x.keywords

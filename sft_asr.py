@@ -20,7 +20,7 @@ from tqdm import tqdm
 from common import parse_args
 from common.data import Skips, corpus_error, length_batches, load_audio_items, read_data, set_name
 from common.logprob import token_logprobs
-from common.models import SpeechLLM, build_toy_asr, collate, load_real_asr, transcribe
+from common.models import SpeechLLM, build_toy_asr, collate, load_qwen2_audio, load_real_asr, transcribe
 from common.toy import build_toy_world, cache_root, vocabulary
 
 
@@ -38,6 +38,8 @@ class Args:
     """local Whisper folder for the encoder (real world)"""
     lm: str = ""
     """local causal-LM folder, e.g. Qwen2.5 (real world)"""
+    qwen2_audio: str = ""
+    """local Qwen2AudioForConditionalGeneration folder (real world; instead of --whisper/--lm)"""
     init: str = ""
     """start from this SpeechLLM checkpoint instead"""
     out_dir: str = "runs/sft_asr"
@@ -56,7 +58,7 @@ class Args:
     """stop after this many dev evaluations without improvement"""
     min_steps: int = 600
     """no plateau counting before this step (early dev WER is noisy)"""
-    max_minutes: float = 30.0
+    max_minutes: float = 20.0
     """wall-clock budget for training"""
     max_steps: int = 0
     """stop after this many steps (0 = no limit; early stopping decides)"""
@@ -64,17 +66,17 @@ class Args:
     """skip audio longer than this"""
     max_new_tokens: int = 48
     """decoding limit"""
-    d_enc: int = 192
+    d_enc: int = 128
     """toy encoder width"""
-    d_lm: int = 192
+    d_lm: int = 128
     """toy LM width"""
     stack: int = 4
     """encoder frames stacked per LM position (toy: 4 x 40 ms = 160 ms)"""
     ctc_embed: bool = True
     """toy: add CTC-posterior-weighted token embeddings to the audio embeddings (LegoSLM-style)"""
-    conv_blocks: int = 3
+    conv_blocks: int = 2
     """toy encoder: residual conv blocks before the transformer"""
-    enc_layers: int = 4
+    enc_layers: int = 2
     """toy encoder transformer layers"""
     lm_layers: int = 2
     """toy LM (Qwen2) layers"""
@@ -104,6 +106,8 @@ def evaluate(model: SpeechLLM, utts, feats, max_new_tokens: int) -> dict:
 def make_model(a: Args) -> SpeechLLM:
     if a.init:
         return SpeechLLM.load(a.init)
+    if a.qwen2_audio:
+        return load_qwen2_audio(a.qwen2_audio)
     if a.whisper or a.lm:
         if not (a.whisper and a.lm):
             raise SystemExit("a real model needs both --whisper and --lm")

@@ -60,15 +60,31 @@ class ToyEncoder(nn.Module):
         self.norm = nn.LayerNorm(d_model)
 
     def forward(self, feats: torch.Tensor, lens: torch.Tensor):
-        x = self.blocks(self.in_norm(self.conv(feats.transpose(1, 2)).transpose(1, 2)))  # [B, T/4, d]
-        lens = (lens + self.subsample - 1) // self.subsample
+        """feats [B, T, 80] padded, lens [B] real frames -> ([B, T', d], lens'), T' = T / subsample.
+        Padding is zeroed before every conv (a conv's bias and GELU make it non-zero), so an
+        utterance's output does not depend on its batchmates."""
+        x = feats * _keep(lens, feats)  # [B, T, 80]
+        for i, stride in ((0, 2), (2, self.subsample // 2)):
+            x = self.conv[i + 1](self.conv[i](x.transpose(1, 2))).transpose(1, 2)
+            lens = (lens + stride - 1) // stride  # a kernel-3, padding-1 conv keeps ceil(T / stride)
+            x = x * _keep(lens, x)  # [B, T', d]
+        keep = _keep(lens, x)  # [B, T', 1]
+        x = self.in_norm(x)
+        for block in self.blocks:
+            x = block(x, keep)
         t = torch.arange(x.shape[1], device=x.device)
         half = self.d_model // 2  # sinusoidal positions: no length limit
         freq = torch.exp(-math.log(10_000.0) * torch.arange(half, device=x.device) / half)
         ang = t[:, None].float() * freq[None]
         x = x + torch.cat([ang.sin(), ang.cos()], -1).to(x.dtype)
-        pad = t[None] >= lens[:, None]  # [B, T/4]
+        pad = keep[..., 0] == 0  # [B, T']
         return self.norm(self.layers(x, src_key_padding_mask=pad)), lens
+
+
+def _keep(lens: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """[B, T, 1] in x's dtype for x [B, T, ...]: 1 on the first lens[b] frames, 0 on padding."""
+    t = torch.arange(x.shape[1], device=x.device)
+    return (t[None] < lens.to(x.device)[:, None]).unsqueeze(-1).to(x.dtype)
 
 
 class WhisperAudioEncoder(nn.Module):
@@ -88,6 +104,31 @@ class WhisperAudioEncoder(nn.Module):
         feats = F.pad(feats, (0, 0, 0, self.n_frames - feats.shape[1]))  # [B, 3000, 80]
         h = self.encoder(feats.transpose(1, 2).to(self.encoder.dtype)).last_hidden_state
         return h, (lens + 1) // 2  # the encoder's conv has stride 2
+
+
+class Qwen2AudioTower(nn.Module):
+    """Qwen2-Audio's own audio encoder (a Whisper-style encoder with a stride-2 average
+    pool: 40 ms frames) and its linear projector, so its outputs are already LM embeddings.
+    Like Whisper it takes exactly 2 x max_source_positions feature frames; padding frames
+    are masked in its attention, as Qwen2AudioForConditionalGeneration does."""
+
+    def __init__(self, tower: nn.Module, projector: nn.Module):
+        super().__init__()
+        self.tower, self.projector = tower, projector
+        self.d_model = projector.linear.out_features
+        self.n_frames = 2 * tower.config.max_source_positions
+
+    def forward(self, feats: torch.Tensor, lens: torch.Tensor):
+        if feats.shape[1] > self.n_frames:
+            raise ValueError(f"{feats.shape[1]} feature frames > the encoder's {self.n_frames}")
+        feats = F.pad(feats, (0, 0, 0, self.n_frames - feats.shape[1]))  # [B, 3000, 128]
+        conv_lens = (lens - 1) // 2 + 1  # after the stride-2 conv
+        t = torch.arange(self.n_frames // 2, device=feats.device)
+        dtype = self.tower.conv1.weight.dtype
+        mask = torch.zeros(feats.shape[0], 1, 1, t.shape[0], dtype=dtype, device=feats.device)
+        mask = mask.masked_fill((t[None] >= conv_lens[:, None])[:, None, None], torch.finfo(dtype).min)
+        h = self.tower(feats.transpose(1, 2).to(dtype), attention_mask=mask).last_hidden_state  # [B, 750, d]
+        return self.projector(h), (conv_lens - 2) // 2 + 1  # [B, 750, d_lm], after the pool
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -125,12 +166,16 @@ class SpeechLLM(nn.Module):
         super().__init__()
         self.cfg, self.encoder, self.lm, self.tokenizer = cfg, encoder, lm, tokenizer
         d_lm = lm.config.hidden_size
-        self.projector = nn.Sequential(nn.Linear(encoder.d_model * cfg["stack"], d_lm), nn.GELU(),
-                                       nn.Linear(d_lm, d_lm))
+        if cfg["encoder"] == "qwen2audio":  # Qwen2-Audio's tower projects itself
+            self.projector: nn.Module = nn.Identity()
+        else:
+            self.projector = nn.Sequential(nn.Linear(encoder.d_model * cfg["stack"], d_lm), nn.GELU(),
+                                           nn.Linear(d_lm, d_lm))
         self.ctc_head = nn.Linear(encoder.d_model, len(tokenizer) + 1) if cfg.get("ctc") else None
         if cfg.get("ctc_embed"):  # token embeddings have std initializer_range; the projector's ~1
             self.ctc_gain = nn.Parameter(torch.tensor(1.0 / lm.config.initializer_range))
         self.prompt_ids = tokenizer(cfg["prompt"], add_special_tokens=False).input_ids
+        self.prefix_ids = tokenizer(cfg.get("prefix", ""), add_special_tokens=False).input_ids
         self.eos_id = tokenizer.eos_token_id
 
     # -- features (on CPU, per utterance) ------------------------------------------------
@@ -159,7 +204,7 @@ class SpeechLLM(nn.Module):
         if te == 0:
             raise ValueError("audio shorter than one projector frame")
         x = h[:, :te].reshape(h.shape[0], te // k, k * h.shape[2])  # [B, Te/k, k*d_enc]
-        x = self.projector(x.to(self.projector[0].weight.dtype))  # [B, Te/k, d_lm]
+        x = self.projector(x.to(self.lm.dtype))  # [B, Te/k, d_lm]
         if self.cfg.get("ctc_embed"):
             # LegoSLM-style: the CTC head's token posteriors (blank dropped) weight the LM's
             # own input embeddings, so the LM sees which words fired, in its own space.
@@ -170,16 +215,17 @@ class SpeechLLM(nn.Module):
 
     def build_inputs(self, audio: torch.Tensor, audio_lens: torch.Tensor,
                      targets: list[list[int]] | None = None, lm: nn.Module | None = None):
-        """Left-padded LM inputs [audio][prompt](targets), token embeddings from `lm`
+        """Left-padded LM inputs [prefix][audio][prompt](targets), token embeddings from `lm`
         (default: self.lm). Returns inputs_embeds [B, L, d], attention_mask [B, L],
         position_ids [B, L] and, with targets, the flat indices of the positions whose
         next-token prediction is each target token (for log-probs)."""
         emb = (lm or self.lm).get_input_embeddings()
         dev = audio.device
         prompt = emb(torch.tensor(self.prompt_ids, device=dev, dtype=torch.long))  # [Lp, d]
+        prefix = emb(torch.tensor(self.prefix_ids, device=dev, dtype=torch.long))  # [Lq, d], often empty
         rows = []
         for i in range(audio.shape[0]):
-            parts = [audio[i, : audio_lens[i]], prompt.to(audio.dtype)]
+            parts = [prefix.to(audio.dtype), audio[i, : audio_lens[i]], prompt.to(audio.dtype)]
             if targets is not None:
                 parts.append(emb(torch.tensor(targets[i], device=dev, dtype=torch.long)).to(audio.dtype))
             rows.append(torch.cat(parts))
@@ -213,10 +259,12 @@ class SpeechLLM(nn.Module):
         cfg = dict(self.cfg, lm_config=self.lm.config.to_dict())
         if self.cfg["encoder"] == "whisper":
             cfg["whisper_config"] = self.encoder.encoder.config.to_dict()
+        if self.cfg["encoder"] == "qwen2audio":
+            cfg["audio_config"] = self.encoder.tower.config.to_dict()
 
         def extras(tmp: str) -> None:
             self.tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
-            if self.cfg["encoder"] == "whisper":
+            if self.cfg["encoder"] != "toy":
                 self.feature_extractor.save_pretrained(os.path.join(tmp, "feature_extractor"))
         save_folder(path, cfg, CONFIG_NAME, self, extras)
 
@@ -235,10 +283,21 @@ class SpeechLLM(nn.Module):
             enc: nn.Module = ToyEncoder(**cfg["toy_encoder"])
             model = cls(cfg, enc, lm, tok)
         else:
-            from transformers import WhisperConfig, WhisperFeatureExtractor
+            from transformers import AutoModel, WhisperConfig, WhisperFeatureExtractor
             from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-            enc = WhisperAudioEncoder(WhisperEncoder(WhisperConfig(**cfg.pop("whisper_config"))))
+            if cfg["encoder"] == "whisper":
+                enc = WhisperAudioEncoder(WhisperEncoder(WhisperConfig(**cfg.pop("whisper_config"))))
+            else:
+                a_cfg = dict(cfg.pop("audio_config"))
+                tower = AutoModel.from_config(AutoConfig.for_model(a_cfg.pop("model_type"), **a_cfg))
+                from types import SimpleNamespace
+
+                from transformers.models.qwen2_audio.modeling_qwen2_audio import Qwen2AudioMultiModalProjector
+
+                proj = Qwen2AudioMultiModalProjector(SimpleNamespace(audio_config=tower.config,
+                                                                     text_config=lm.config))
+                enc = Qwen2AudioTower(tower, proj)
             model = cls(cfg, enc, lm, tok)
             model.feature_extractor = WhisperFeatureExtractor.from_pretrained(
                 os.path.join(path, "feature_extractor"))
@@ -300,6 +359,35 @@ def load_real_asr(whisper_path: str, lm_path: str, prompt: str = "Transcribe the
     cfg = {"encoder": "whisper", "stack": stack, "prompt": prompt, "ctc": False}
     model = SpeechLLM(cfg, WhisperAudioEncoder(whisper.get_encoder()), lm, tok)
     model.feature_extractor = WhisperFeatureExtractor.from_pretrained(whisper_path, local_files_only=True)
+    return model.to(dtype)
+
+
+QWEN2_AUDIO_ASR_PROMPT = "<|audio_eos|>Detect the language and recognize the speech: <|en|>"
+
+
+def load_qwen2_audio(path: str, prompt: str = QWEN2_AUDIO_ASR_PROMPT, prefix: str = "<|audio_bos|>",
+                     dtype: torch.dtype = torch.float32) -> SpeechLLM:
+    """A local Qwen2AudioForConditionalGeneration folder as a SpeechLLM: its audio tower and
+    projector are the encoder, its LM is the LM (the same modules, not copies). The layout
+    is its own: [<|audio_bos|>][audio][<|audio_eos|> prompt](transcript)."""
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        Qwen2AudioForConditionalGeneration,
+        WhisperFeatureExtractor,
+    )
+
+    full = Qwen2AudioForConditionalGeneration.from_pretrained(path, local_files_only=True, dtype=dtype)
+    inner = getattr(full, "model", full)  # transformers 5 nests the parts under .model
+    with torch.device("meta"):  # a shell with no weights of its own
+        lm = AutoModelForCausalLM.from_config(full.config.text_config)
+    lm.model, lm.lm_head = inner.language_model, full.lm_head
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if tok.eos_token_id is None:
+        raise ValueError(f"{path}: the tokenizer has no eos token")
+    cfg = {"encoder": "qwen2audio", "stack": 1, "prompt": prompt, "prefix": prefix, "ctc": False}
+    model = SpeechLLM(cfg, Qwen2AudioTower(inner.audio_tower, inner.multi_modal_projector), lm, tok)
+    model.feature_extractor = WhisperFeatureExtractor.from_pretrained(path, local_files_only=True)
     return model.to(dtype)
 
 

@@ -5,10 +5,11 @@ import math
 
 import pytest
 import torch
+from conftest import make_tiny_qwen2_audio
 from safetensors.torch import load_file
 
 import grpo_asr as g
-from common.models import build_toy_asr
+from common.models import SpeechLLM, build_toy_asr, load_qwen2_audio
 from common.toy import build_toy_world, vocabulary
 
 
@@ -169,6 +170,21 @@ def test_two_step_smoke_changes_the_lm_only(tiny, tmp_path):
     assert rows[0]["kl"] < 1e-6 and rows[0]["clip_ratio/region_mean"] == 0.0
     saved = json.load(open(tmp_path / "summary.json"))
     assert saved["final"].endswith("best") and saved["steps"] == 2
+
+
+def test_qwen2_audio_is_a_policy_of_the_same_loop(tiny, tmp_path):
+    """--qwen2_audio DIR: Qwen2-Audio's tower, projector and LM, trained by the same loop;
+    only the LM moves, and the saved checkpoint loads back as a SpeechLLM."""
+    qdir = make_tiny_qwen2_audio(str(tmp_path / "q2a"), vocabulary(), seconds=8)
+    s = g.main(_run_args(tiny, tmp_path / "run", init="", qwen2_audio=qdir))
+    assert s["init"] == qdir and s["steps"] == 2
+    load_qwen2_audio(qdir).save(str(tmp_path / "start"))
+    start = load_file(str(tmp_path / "start" / "model.safetensors"))
+    after = load_file(str(tmp_path / "run" / "last" / "model.safetensors"))
+    assert set(after) == set(start)
+    assert any(not torch.equal(start[k], after[k]) for k in start if k.startswith("lm."))
+    assert all(torch.equal(start[k], after[k]) for k in start if not k.startswith("lm."))
+    assert SpeechLLM.load(str(tmp_path / "run" / "last")).cfg["encoder"] == "qwen2audio"
 
 
 def test_beta_zero_never_builds_a_reference(tiny, tmp_path, monkeypatch):

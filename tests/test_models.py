@@ -2,9 +2,19 @@
 classes we wrap, checkpoint round trips, and the sampler against HF generate."""
 import pytest
 import torch
+from conftest import make_tiny_qwen2_audio
 from transformers import Qwen2Config, Qwen2ForCausalLM, WhisperConfig, WhisperFeatureExtractor, WhisperModel
 
-from common.models import SpeechLLM, build_toy_asr, collate, load_real_asr, sample, toy_tokenizer, transcribe
+from common.models import (
+    SpeechLLM,
+    build_toy_asr,
+    collate,
+    load_qwen2_audio,
+    load_real_asr,
+    sample,
+    toy_tokenizer,
+    transcribe,
+)
 
 WORDS = ["one", "two", "three", "alpha", "bravo"]
 
@@ -75,12 +85,50 @@ def test_build_inputs_left_pads_and_points_at_targets():
     torch.testing.assert_close(emb[1, 6], tok_emb[7])
 
 
-@pytest.mark.parametrize("kind", ["toy", "whisper"])
-def test_checkpoint_roundtrip(tmp_path, real_dirs, kind):
+@pytest.fixture(scope="module")
+def qwen2_audio_dir(tmp_path_factory):
+    return make_tiny_qwen2_audio(str(tmp_path_factory.mktemp("hf") / "qwen2audio"), WORDS)
+
+
+def test_qwen2_audio_parity_with_transformers(qwen2_audio_dir):
+    """Our SpeechLLM over Qwen2-Audio's modules gives the logits that
+    Qwen2AudioForConditionalGeneration gives for the same audio and text, utterance by
+    utterance, although ours runs them as one left-padded batch."""
+    from transformers import Qwen2AudioForConditionalGeneration
+
+    model = load_qwen2_audio(qwen2_audio_dir, prompt="<|audio_eos|> one two").eval()
+    full = Qwen2AudioForConditionalGeneration.from_pretrained(qwen2_audio_dir).eval()
+    wavs = [_wav(1.2), _wav(0.5, 1)]
+    feats = [model.features(w) for w in wavs]
+    x, lens = collate(feats)
+    targets = [model.target_ids("alpha one"), model.target_ids("two")]
+    with torch.no_grad():
+        audio, alens, _ = model.embed_audio(x, lens)
+        emb, mask, pos, _ = model.build_inputs(audio, alens, targets)
+        ours = model.lm(inputs_embeds=emb, attention_mask=mask, position_ids=pos).logits  # [B, L, V]
+    tok, fe = model.tokenizer, model.feature_extractor
+    audio_id = full.config.audio_token_id
+    for i, w in enumerate(wavs):
+        f = fe(w.numpy(), sampling_rate=16000, return_tensors="pt", padding="max_length",
+               return_attention_mask=True)
+        ids = (model.prefix_ids + [audio_id] * int(alens[i]) + model.prompt_ids + targets[i])
+        with torch.no_grad():
+            ref = full(input_ids=torch.tensor([ids]), input_features=f.input_features,
+                       feature_attention_mask=f.attention_mask).logits[0]  # [L_i, V]
+        torch.testing.assert_close(ours[i, -len(ids):], ref, rtol=1e-4, atol=1e-4)
+    # 120 and 50 feature frames -> conv (T - 1) // 2 + 1 -> pool (T - 2) // 2 + 1, as in transformers
+    assert int(alens[0]) == 30 and int(alens[1]) == 12
+    assert tok.convert_ids_to_tokens(model.prefix_ids) == ["<|audio_bos|>"]
+
+
+@pytest.mark.parametrize("kind", ["toy", "whisper", "qwen2audio"])
+def test_checkpoint_roundtrip(tmp_path, real_dirs, qwen2_audio_dir, kind):
     if kind == "toy":
         model = build_toy_asr(WORDS, d_enc=16, enc_layers=1, d_lm=16, lm_layers=1).eval()
-    else:
+    elif kind == "whisper":
         model = load_real_asr(*real_dirs, prompt="one", stack=2).eval()
+    else:
+        model = load_qwen2_audio(qwen2_audio_dir).eval()
     model.save(str(tmp_path / "ck"))
     model.save(str(tmp_path / "ck"))  # overwriting is atomic and leaves no .tmp/.old
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
@@ -92,6 +140,23 @@ def test_checkpoint_roundtrip(tmp_path, real_dirs, kind):
     torch.testing.assert_close(a1, a2)
     assert transcribe(model, f, max_new_tokens=5) == transcribe(back, f, max_new_tokens=5)
     torch.testing.assert_close(back.features(_wav(0.6))[0], f[0][0])
+
+
+def test_toy_encoder_output_does_not_depend_on_batchmates():
+    from common.models import ToyEncoder
+
+    torch.manual_seed(0)
+    for subsample in (2, 4):
+        enc = ToyEncoder(d_model=32, n_layers=1, conv_blocks=2, dropout=0.0, subsample=subsample).eval()
+        x, lens = torch.randn(3, 101, 80), torch.tensor([101, 57, 13])
+        junk = x.clone()
+        junk[1, 57:], junk[2, 13:] = 5.0, -3.0  # other padding values, as other batchmates give
+        h, hl = enc(x, lens)
+        h_junk, _ = enc(junk, lens)
+        for i in range(3):
+            alone, _ = enc(x[i : i + 1, : lens[i]], lens[i : i + 1])
+            torch.testing.assert_close(h[i, : hl[i]], alone[0], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(h_junk[i, : hl[i]], h[i, : hl[i]], rtol=1e-5, atol=1e-5)
 
 
 def test_greedy_sampler_equals_hf_generate():

@@ -2,6 +2,7 @@
 run, the β=0 contract, eval-only and data selection, and a learning test."""
 import json
 import math
+import random
 
 import pytest
 import torch
@@ -152,7 +153,15 @@ def _run_args(tiny, out, **kw):
     return g.Args(**{**base, **kw})
 
 
-def test_two_step_smoke_changes_the_lm_only(tiny, tmp_path):
+def _spread_rewards(monkeypatch):
+    """A random model's samples all score alike (6 random words, no eos), so every group is
+    all-equal and nothing moves; a seeded random term gives the groups spread."""
+    rng, real = random.Random(0), g.total_reward
+    monkeypatch.setattr(g, "total_reward", lambda terms, a: real(terms, a) + rng.random())
+
+
+def test_two_step_smoke_changes_the_lm_only(tiny, tmp_path, monkeypatch):
+    _spread_rewards(monkeypatch)
     s = g.main(_run_args(tiny, tmp_path))
     before = load_file(tiny[1] + "/model.safetensors")
     after = load_file(str(tmp_path / "last" / "model.safetensors"))
@@ -172,9 +181,10 @@ def test_two_step_smoke_changes_the_lm_only(tiny, tmp_path):
     assert saved["final"].endswith("best") and saved["steps"] == 2
 
 
-def test_qwen2_audio_is_a_policy_of_the_same_loop(tiny, tmp_path):
+def test_qwen2_audio_is_a_policy_of_the_same_loop(tiny, tmp_path, monkeypatch):
     """--qwen2_audio DIR: Qwen2-Audio's tower, projector and LM, trained by the same loop;
     only the LM moves, and the saved checkpoint loads back as a SpeechLLM."""
+    _spread_rewards(monkeypatch)
     qdir = make_tiny_qwen2_audio(str(tmp_path / "q2a"), vocabulary(), seconds=8)
     s = g.main(_run_args(tiny, tmp_path / "run", init="", qwen2_audio=qdir))
     assert s["init"] == qdir and s["steps"] == 2

@@ -124,9 +124,13 @@ class Qwen2AudioTower(nn.Module):
         feats = F.pad(feats, (0, 0, 0, self.n_frames - feats.shape[1]))  # [B, 3000, 128]
         conv_lens = (lens - 1) // 2 + 1  # after the stride-2 conv
         t = torch.arange(self.n_frames // 2, device=feats.device)
+        keep = (t[None] < conv_lens[:, None])[:, None, None]  # [B, 1, 1, T/2]: True = attend
         dtype = self.tower.conv1.weight.dtype
-        mask = torch.zeros(feats.shape[0], 1, 1, t.shape[0], dtype=dtype, device=feats.device)
-        mask = mask.masked_fill((t[None] >= conv_lens[:, None])[:, None, None], torch.finfo(dtype).min)
+        if self.tower.config._attn_implementation == "eager":  # eager adds its mask to the scores
+            mask = torch.zeros(keep.shape, dtype=dtype, device=feats.device).masked_fill(
+                ~keep, torch.finfo(dtype).min)
+        else:  # SDPA takes a boolean mask, whatever dtype autocast gives q and k
+            mask = keep
         h = self.tower(feats.transpose(1, 2).to(dtype), attention_mask=mask).last_hidden_state  # [B, 750, d]
         return self.projector(h), (conv_lens - 2) // 2 + 1  # [B, 750, d_lm], after the pool
 

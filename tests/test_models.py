@@ -90,13 +90,16 @@ def qwen2_audio_dir(tmp_path_factory):
     return make_tiny_qwen2_audio(str(tmp_path_factory.mktemp("hf") / "qwen2audio"), WORDS)
 
 
-def test_qwen2_audio_parity_with_transformers(qwen2_audio_dir):
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_qwen2_audio_parity_with_transformers(qwen2_audio_dir, attn):
     """Our SpeechLLM over Qwen2-Audio's modules gives the logits that
     Qwen2AudioForConditionalGeneration gives for the same audio and text, utterance by
-    utterance, although ours runs them as one left-padded batch."""
+    utterance, although ours runs them as one left-padded batch (padding frames masked in
+    the tower, with either attention implementation)."""
     from transformers import Qwen2AudioForConditionalGeneration
 
     model = load_qwen2_audio(qwen2_audio_dir, prompt="<|audio_eos|> one two").eval()
+    model.encoder.tower.config._attn_implementation = attn
     full = Qwen2AudioForConditionalGeneration.from_pretrained(qwen2_audio_dir).eval()
     wavs = [_wav(1.2), _wav(0.5, 1)]
     feats = [model.features(w) for w in wavs]

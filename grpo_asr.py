@@ -72,7 +72,7 @@ class Args:
     """D2's duration cap in seconds (the paper uses 20 s on real speech)"""
     # --- GRPO (SPEC §1) ---
     steps: int = 1200
-    """policy updates (toy dev was still improving at 1200; 300 gave a third of the gain)"""
+    """policy updates (toy dev WER was still falling at 1200)"""
     batch_size: int = 8
     """B: utterances per step (paper: 32)"""
     group_size: int = 8

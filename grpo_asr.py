@@ -86,7 +86,7 @@ class Args:
     max_new_tokens: int = 32
     """length limit of a sampled transcript"""
     lr: float = 1e-4
-    """AdamW learning rate of the LM (paper: 1e-5 for 7B; 1e-4 chosen on toy dev)"""
+    """AdamW learning rate of the LM (paper: 1e-5 for 7B; 1e-4 on the toy world, see README)"""
     beta: float = 0.1
     """KL weight (Eq. G5); 0 skips loading the reference model"""
     eps_low: float = 0.2

@@ -104,6 +104,8 @@ def evaluate(model: SpeechLLM, utts, feats, max_new_tokens: int) -> dict:
 
 
 def make_model(a: Args) -> SpeechLLM:
+    if sum(map(bool, (a.init, a.qwen2_audio, a.whisper or a.lm))) > 1:
+        raise SystemExit("give one of --init, --qwen2_audio, or --whisper with --lm")
     if a.init:
         return SpeechLLM.load(a.init)
     if a.qwen2_audio:
@@ -222,7 +224,7 @@ def main(a: Args) -> dict:
 
 
 def toy_warm_start() -> str:
-    """The cached toy SFT checkpoint (trained on first use, ~15 min on 2 cores)."""
+    """The cached toy SFT checkpoint (trained on first use, about 13 min on 2 cores)."""
     a = Args()
     world = build_toy_world()
     recipe = {k: v for k, v in asdict(a).items() if k not in ("threads", "resume", "out_dir")}

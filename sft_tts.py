@@ -44,6 +44,9 @@ from common.tts import (
 )
 
 STAGES = ("tokenizer", "token2wav", "judges", "tts_lm")
+# Bumped when a stage's code changes in a way its settings do not show: judges 2 = the
+# ToyEncoder masks padding; tts_lm 2 = length-bucketed batches.
+STAGE_VERSIONS = {"tokenizer": 1, "token2wav": 1, "judges": 2, "tts_lm": 2}
 
 
 @dataclass
@@ -105,6 +108,8 @@ def cached(a: Args, world: str, stage: str) -> str:
                                                                "every": a.eval_every}
     if a.max_steps:
         cfg["max_steps"] = a.max_steps
+    # a stage whose code changed gets a new folder; version 1 adds nothing, so old hashes hold
+    cfg |= {f"v_{s}": STAGE_VERSIONS[s] for s in upto if STAGE_VERSIONS[s] > 1}
     h = hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:8]
     return os.path.join(cache_root(), f"tts-{os.path.basename(world)}", f"{stage}-{h}")
 
@@ -283,9 +288,9 @@ def build_tts_lm(a, out, splits, tokens):
     queue: list[list] = []  # this epoch's batches, fresh prompts and order every epoch
 
     def step_fn():
-        if not queue:  # length-bucketed: a random batch is mostly padding (1.6 s/step vs 0.7)
+        if not queue:  # length-bucketed: random batches were mostly padding (1.6 s a step)
             ex = tts_examples(lm, tr_u, tokens["train"], tr_u, tokens["train"], rng)
-            lens = [len(p) + len(o) for p, o in ex]
+            lens = [len(p) + len(o) + rng.random() for p, o in ex]  # random tie-break
             batches = length_batches(lens, a.batch_size, seed=rng.randrange(2**31))
             queue.extend([ex[i] for i in b] for b in batches)
         return nll(queue.pop())

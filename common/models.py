@@ -130,7 +130,7 @@ class Qwen2AudioTower(nn.Module):
             mask = torch.zeros(keep.shape, dtype=dtype, device=feats.device).masked_fill(
                 ~keep, torch.finfo(dtype).min)
         else:  # SDPA takes a boolean mask, whatever dtype autocast gives q and k
-            mask = keep
+            mask = keep  # (flash-attention-2 wants a 2-D mask instead: not supported here)
         h = self.tower(feats.transpose(1, 2).to(dtype), attention_mask=mask).last_hidden_state  # [B, 750, d]
         return self.projector(h), (conv_lens - 2) // 2 + 1  # [B, 750, d_lm], after the pool
 
@@ -184,7 +184,8 @@ class SpeechLLM(nn.Module):
 
     # -- features (on CPU, per utterance) ------------------------------------------------
     def features(self, wav: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """16 kHz audio [samples] -> (features [frames, 80], frames that hold speech)."""
+        """16 kHz audio [samples] -> (features [frames, n_mels], frames that hold speech);
+        n_mels is 80 for the toy encoder and Whisper, 128 for Qwen2-Audio."""
         if self.cfg["encoder"] == "toy":
             x = log_mel(wav)  # per-utterance mean and variance normalisation (CMVN)
             return (x - x.mean(0, keepdim=True)) / (x.std(0, keepdim=True) + 1e-5), x.shape[0]
@@ -199,7 +200,7 @@ class SpeechLLM(nn.Module):
     # -- the forward pieces --------------------------------------------------------------
     def embed_audio(self, feats: torch.Tensor, lens: torch.Tensor, lm: nn.Module | None = None,
                     encoded: tuple[torch.Tensor, torch.Tensor] | None = None):
-        """feats [B, T, 80] -> LM-space embeddings [B, T', d_lm], lengths [B], encoder out.
+        """feats [B, T, n_mels] -> LM-space embeddings [B, T', d_lm], lengths [B], encoder out.
         `lm` (default: self.lm) is the LM whose input embeddings the CTC-guided term reads,
         e.g. the frozen reference in RL; `encoded` reuses an earlier encoder output."""
         h, hl = encoded if encoded is not None else self.encoder(feats, lens)  # [B, Te, d_enc]

@@ -63,12 +63,12 @@ class ToyEncoder(nn.Module):
         """feats [B, T, 80] padded, lens [B] real frames -> ([B, T', d], lens'), T' = T / subsample.
         Padding is zeroed before every conv (a conv's bias and GELU make it non-zero), so an
         utterance's output does not depend on its batchmates."""
-        x = feats * _keep(lens, feats)  # [B, T, 80]
+        x = feats * keep_mask(lens, feats)  # [B, T, 80]
         for i, stride in ((0, 2), (2, self.subsample // 2)):
             x = self.conv[i + 1](self.conv[i](x.transpose(1, 2))).transpose(1, 2)
             lens = (lens + stride - 1) // stride  # a kernel-3, padding-1 conv keeps ceil(T / stride)
-            x = x * _keep(lens, x)  # [B, T', d]
-        keep = _keep(lens, x)  # [B, T', 1]
+            x = x * keep_mask(lens, x)  # [B, T', d]
+        keep = keep_mask(lens, x)  # [B, T', 1]
         x = self.in_norm(x)
         for block in self.blocks:
             x = block(x, keep)
@@ -81,10 +81,17 @@ class ToyEncoder(nn.Module):
         return self.norm(self.layers(x, src_key_padding_mask=pad)), lens
 
 
-def _keep(lens: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def keep_mask(lens: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """[B, T, 1] in x's dtype for x [B, T, ...]: 1 on the first lens[b] frames, 0 on padding."""
     t = torch.arange(x.shape[1], device=x.device)
     return (t[None] < lens.to(x.device)[:, None]).unsqueeze(-1).to(x.dtype)
+
+
+def pad_to_window(feats: torch.Tensor, n_frames: int) -> torch.Tensor:
+    """[B, T, n_mels] -> [B, n_frames, n_mels]: Whisper-style encoders take a fixed window."""
+    if feats.shape[1] > n_frames:
+        raise ValueError(f"{feats.shape[1]} feature frames > the encoder's {n_frames}")
+    return F.pad(feats, (0, 0, 0, n_frames - feats.shape[1]))
 
 
 class WhisperAudioEncoder(nn.Module):
@@ -99,9 +106,7 @@ class WhisperAudioEncoder(nn.Module):
         self.n_frames = 2 * encoder.config.max_source_positions
 
     def forward(self, feats: torch.Tensor, lens: torch.Tensor):
-        if feats.shape[1] > self.n_frames:
-            raise ValueError(f"{feats.shape[1]} feature frames > the encoder's {self.n_frames}")
-        feats = F.pad(feats, (0, 0, 0, self.n_frames - feats.shape[1]))  # [B, 3000, 80]
+        feats = pad_to_window(feats, self.n_frames)  # [B, 3000, 80]
         h = self.encoder(feats.transpose(1, 2).to(self.encoder.dtype)).last_hidden_state
         return h, (lens + 1) // 2  # the encoder's conv has stride 2
 
@@ -119,9 +124,7 @@ class Qwen2AudioTower(nn.Module):
         self.n_frames = 2 * tower.config.max_source_positions
 
     def forward(self, feats: torch.Tensor, lens: torch.Tensor):
-        if feats.shape[1] > self.n_frames:
-            raise ValueError(f"{feats.shape[1]} feature frames > the encoder's {self.n_frames}")
-        feats = F.pad(feats, (0, 0, 0, self.n_frames - feats.shape[1]))  # [B, 3000, 128]
+        feats = pad_to_window(feats, self.n_frames)  # [B, 3000, 128]
         conv_lens = (lens - 1) // 2 + 1  # after the stride-2 conv
         t = torch.arange(self.n_frames // 2, device=feats.device)
         keep = (t[None] < conv_lens[:, None])[:, None, None]  # [B, 1, 1, T/2]: True = attend

@@ -27,7 +27,7 @@ import torchaudio.transforms as AT
 from safetensors.torch import load_file
 
 from common.audio import HOP, N_FFT, N_MELS, SR
-from common.models import WEIGHTS_NAME, ConvBlock, ToyEncoder, save_folder, toy_tokenizer
+from common.models import WEIGHTS_NAME, ConvBlock, ToyEncoder, keep_mask, save_folder, toy_tokenizer
 
 TOKEN_HOP = 4  # mel frames (10 ms) per speech token: 25 Hz tokens
 CHARS = " abcdefghijklmnopqrstuvwxyz'"  # the CTC recognisers' alphabet; blank is the last id
@@ -122,10 +122,7 @@ class Token2Mel(nn.Module):
         padding never reaches real frames: a batch gives each item what it gets alone."""
         x = self.emb(tokens).repeat_interleave(TOKEN_HOP, 1)  # [B, 4n, d]
         x = x + self.sub.weight.repeat(tokens.shape[1], 1)[None]
-        keep = None
-        if lens is not None:
-            t = torch.arange(x.shape[1], device=x.device)
-            keep = (t[None] < TOKEN_HOP * lens.to(x.device)[:, None]).to(x.dtype)[..., None]  # [B, 4n, 1]
+        keep = keep_mask(TOKEN_HOP * lens, x) if lens is not None else None  # [B, 4n, 1]
         for block in self.blocks:
             x = block(x, keep)
         return self.out(x)
@@ -223,7 +220,7 @@ class SpeakerEncoder(nn.Module):
         dev = self.mean.device
         x, lens = pad_batch([(m.to(dev).float() - self.mean) / self.std for m in mels])
         h, hl = self.encoder(x, lens.to(dev))
-        keep = (torch.arange(h.shape[1], device=dev)[None] < hl[:, None]).float()[..., None]
+        keep = keep_mask(hl, h)  # [B, T', 1]
         pooled = (h * keep).sum(1) / keep.sum(1).clamp(min=1)
         return F.normalize(self.proj(pooled), dim=-1)
 

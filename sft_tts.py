@@ -309,8 +309,9 @@ def build_tts_lm(a, out, splits, tokens):
 
 
 # ------------------------------------------------------------------ driver
-def build_tts_world(a: Args | None = None) -> dict[str, str]:
-    """Build what is missing (or asked to be rebuilt); returns the paths of every piece."""
+def build_tts_world(a: Args | None = None, upto: str = "tts_lm") -> dict[str, str]:
+    """Build what is missing (or asked to be rebuilt) up to stage `upto`; returns the paths
+    of every piece (those after `upto` may not exist yet)."""
     a = a or Args()
     torch.manual_seed(a.seed)
     if a.threads:
@@ -328,7 +329,8 @@ def build_tts_world(a: Args | None = None) -> dict[str, str]:
              "eval_asr": os.path.join(dirs["judges"], "eval_asr"),
              "speaker": os.path.join(dirs["judges"], "speaker"),
              "tts_lm": os.path.join(dirs["tts_lm"], "tts_lm")}
-    todo = [s for s in STAGES if not os.path.isfile(os.path.join(dirs[s], "done.json"))]
+    todo = [s for s in STAGES[: STAGES.index(upto) + 1]
+            if not os.path.isfile(os.path.join(dirs[s], "done.json"))]
     if not todo:
         return paths
     skips = Skips()

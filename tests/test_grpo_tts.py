@@ -1,6 +1,7 @@
 """grpo_tts.py and sft_tts.py: rewards T1-T4 against hand-worked numbers and their edge
 cases, the log-probs over the output slice, a tiny TTS world built end to end, a smoke run,
 eval-only on a text-only manifest, bad prompts, resume, and a learning test."""
+import dataclasses
 import json
 import math
 import os
@@ -118,7 +119,19 @@ def world(tmp_path_factory):
                          batch_size=8, judge_batch=8, max_steps=20)
         paths = sft_tts.build_tts_world(a)
         assert sft_tts.build_tts_world(a) == paths  # cached: the second call builds nothing
+        # upto: another TTS LM setting, built only up to the judges, reuses them and stops there
+        part = sft_tts.build_tts_world(dataclasses.replace(a, lm_lr=a.lm_lr / 2), upto="judges")
+        assert part["reward_asr"] == paths["reward_asr"]
+        assert part["tts_lm"] != paths["tts_lm"] and not os.path.exists(part["tts_lm"])
     return paths
+
+
+def test_a_stage_code_version_renames_it_and_the_stages_after_it(monkeypatch):
+    a = sft_tts.Args()
+    before = [sft_tts.cached(a, "w", s) for s in sft_tts.STAGES]
+    monkeypatch.setitem(sft_tts.STAGE_VERSIONS, "judges", sft_tts.STAGE_VERSIONS["judges"] + 1)
+    after = [sft_tts.cached(a, "w", s) for s in sft_tts.STAGES]
+    assert [b == c for b, c in zip(before, after, strict=True)] == [True, True, False, False]
 
 
 def _args(w, out, **kw):

@@ -23,6 +23,11 @@ def _args(world, out, **kw):
                         out_dir=str(out), **{**TINY, **kw})
 
 
+def test_one_model_source_only():
+    with pytest.raises(SystemExit, match="one of"):
+        sft_asr.make_model(sft_asr.Args(init="ckpt", qwen2_audio="q2a"))
+
+
 def test_sft_smoke_loss_falls(world, tmp_path):
     s = sft_asr.main(_args(world, tmp_path, max_steps=40))
     curve = [json.loads(x) for x in open(tmp_path / "dev_curve.jsonl")]

@@ -4,6 +4,7 @@
     python grpo_asr.py --eval_only --init CKPT --test_data A.jsonl --out_dir D
     python grpo_asr.py --select hard --select_out rl.jsonl      # RL data sets D0-D3
     python grpo_asr.py --data train.jsonl --test_data test.jsonl --init WARM_START_DIR
+    python grpo_asr.py --data train.jsonl --test_data test.jsonl --qwen2_audio QWEN2_AUDIO_DIR
 
 Each step (SPEC F1): the frozen encoder embeds B utterances once -> the policy samples G
 transcripts per utterance -> rule-based rewards -> group-normalised advantages -> clipped

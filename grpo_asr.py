@@ -494,7 +494,8 @@ def main(a: Args) -> dict:
             lmask = torch.arange(max(map(len, keep_seqs)), device=a.device)[None] < \
                 torch.tensor([len(s) for s in keep_seqs], device=a.device)[:, None]  # [N, L]
             with torch.no_grad():  # ℓ(old) once, right after sampling (Eq. G7); ℓ(ref) for Eq. G5
-                lp_old, _ = sequence_logprobs(model, model.lm, aud, aln, keep_seqs, a)  # [N, L]
+                # μ = 1: π_old is π_θ itself (eval mode, no dropout), so ℓ(old) = ℓ.detach() below
+                lp_old = sequence_logprobs(model, model.lm, aud, aln, keep_seqs, a)[0] if a.mu > 1 else None
                 if ref is not None:
                     aud_ref = audio_ref.repeat_interleave(G, 0)[rows]  # [N, T', d]
                     lp_ref = sequence_logprobs(model, ref, aud_ref, aln, keep_seqs, a)[0]
@@ -502,7 +503,8 @@ def main(a: Args) -> dict:
                     lp_ref = None
             for _ in range(a.mu):  # μ inner updates on one rollout (Eq. G7)
                 lp, ent = sequence_logprobs(model, model.lm, aud, aln, keep_seqs, a)  # [N, L]
-                loss, stats = grpo_loss(lp, lp_old, lp_ref, A, lmask, a, G)  # rows are whole groups
+                loss, stats = grpo_loss(lp, lp.detach() if lp_old is None else lp_old, lp_ref, A, lmask, a,
+                                        G)  # rows are whole groups
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.lm.parameters(), 1.0)

@@ -544,11 +544,13 @@ def main(a: Args) -> dict:
             torch.tensor([len(o) for o in outs], device=a.device)[:, None]  # [N, L]
         t1 = time.time()
         with torch.no_grad():  # ℓ(old) once, right after sampling (Eq. G7); ℓ(ref) for Eq. G5
-            lp_old, _ = sequence_logprobs(lm, lm.lm, prompts, outs, a)  # [N, L]
+            # μ = 1: π_old is π_θ itself (the policy runs in eval mode, no dropout), so ℓ(old) = ℓ.detach()
+            # below, with no extra forward pass
+            lp_old = sequence_logprobs(lm, lm.lm, prompts, outs, a)[0] if a.mu > 1 else None  # [N, L]
             lp_ref = sequence_logprobs(lm, ref, prompts, outs, a)[0] if ref is not None else None
         for _ in range(a.mu):  # μ inner updates on one rollout (Eq. G7)
             lp, ent = sequence_logprobs(lm, lm.lm, prompts, outs, a)  # [N, L]
-            loss, stats = grpo_loss(lp, lp_old, lp_ref, A, lmask, a)
+            loss, stats = grpo_loss(lp, lp.detach() if lp_old is None else lp_old, lp_ref, A, lmask, a)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)

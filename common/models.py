@@ -422,29 +422,107 @@ def _pick(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
     return tok, logp.gather(1, tok[:, None]).squeeze(1)
 
 
+def static_cache_decoder(lm: nn.Module) -> nn.Module | None:
+    """The decoder stack (`lm.model`) if the static-cache path below can run it: the
+    Qwen2 / Llama layer layout (q/k/v/o projections, pre-norms, rotary positions) with
+    no sliding window. Every LM in this project (toy, Qwen2.5, Qwen2-Audio's) is one;
+    for any other `sample` falls back to the model's own forward and cache."""
+    m = getattr(lm, "model", None)
+    layers = getattr(m, "layers", None)
+    if layers is None or not all(hasattr(m, n) for n in ("embed_tokens", "rotary_emb", "norm")):
+        return None
+    for layer in layers:
+        att = getattr(layer, "self_attn", None)
+        if att is None or getattr(att, "sliding_window", None) or not all(
+                hasattr(att, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling")):
+            return None
+    return m
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding (the same formula as transformers' apply_rotary_pos_emb)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def _decode(m: nn.Module, x: torch.Tensor, pos: torch.Tensor, cache: list, slots: torch.Tensor,
+            see: torch.Tensor) -> torch.Tensor:
+    """The decoder over x [N, T, d] at positions pos [N, T]. Each layer writes its keys and
+    values into its cache [N, H_kv, S, hd] at `slots` [T] (in place: no torch.cat per step,
+    which was 60% of a CPU decode step with a growing cache) and attends over the whole
+    cache, `see` [N, T, S] saying which slots each query may use. An empty `cache` list is
+    filled with zeroed buffers on the first call (in the dtype autocast gives k and v).
+    Returns the final-norm hidden states [N, T, d]."""
+    n, t, _ = x.shape
+    cos, sin = m.rotary_emb(x, pos)  # [N, T, hd] each
+    cos, sin = cos[:, None], sin[:, None]  # [N, 1, T, hd]
+    for i, layer in enumerate(m.layers):
+        att = layer.self_attn
+        h = layer.input_layernorm(x)
+        q = att.q_proj(h).view(n, t, -1, att.head_dim)  # [N, T, H, hd]
+        k = att.k_proj(h).view(n, t, -1, att.head_dim)  # [N, T, H_kv, hd]
+        if hasattr(att, "q_norm"):  # Qwen3-style per-head norms
+            q, k = att.q_norm(q), att.k_norm(k)
+        q = _rotate(q.transpose(1, 2), cos, sin)  # [N, H, T, hd]
+        k = _rotate(k.transpose(1, 2), cos, sin)  # [N, H_kv, T, hd]
+        v = att.v_proj(h).view(n, t, -1, att.head_dim).transpose(1, 2)  # [N, H_kv, T, hd]
+        if len(cache) == i:
+            cache.append((k.new_zeros(n, k.shape[1], see.shape[-1], att.head_dim),
+                          v.new_zeros(n, v.shape[1], see.shape[-1], att.head_dim)))
+        k_cache, v_cache = cache[i]
+        k_cache.index_copy_(2, slots, k)
+        v_cache.index_copy_(2, slots, v)
+        o = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=see[:, None],
+                                           scale=att.scaling, enable_gqa=True)  # [N, H, T, hd]
+        x = x + att.o_proj(o.transpose(1, 2).reshape(n, t, -1))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return m.norm(x)
+
+
 @torch.no_grad()
 def sample(lm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
            max_new_tokens: int, eos_id: int, pad_id: int = 0, temperature: float = 1.0,
            top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None,
-           vocab: tuple[int, int] | None = None):
-    """Batched autoregressive sampling with a KV cache from left-padded prompt embeddings.
+           vocab: tuple[int, int] | None = None, static_cache: bool = True):
+    """Batched autoregressive sampling from left-padded prompt embeddings [N, P, d].
     `vocab=(lo, hi)` samples only ids lo..hi-1, renormalised over them (the TTS LM emits
-    speech tokens and eos, never text).
+    speech tokens and eos, never text); only those rows of the output head are computed.
+
+    With `static_cache` (and a model `static_cache_decoder` accepts) the keys and values of
+    all P + max_new_tokens positions live in one pre-allocated buffer per layer, written in
+    place; otherwise the model's own forward and growing cache are used (the reference the
+    tests compare against).
 
     Returns tokens [N, L] (pad after eos), lengths [N] (eos included; max_new_tokens if
     no eos came), and the sampled tokens' log-probs [N, L] (0 where padded)."""
     lo, hi = vocab or (0, None)
-    n = inputs_embeds.shape[0]
-    # transformers >= 5.2x renamed the cache argument; older 5.x only knows past_key_values
-    cache_kw = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
-    pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    out = lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=pos,
-             use_cache=True, logits_to_keep=1)
-    cache, logits = out.past_key_values, out.logits[:, -1, lo:hi]
+    n, p, _ = inputs_embeds.shape
+    dev = inputs_embeds.device
+    pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [N, P]
+    m = static_cache_decoder(lm) if static_cache else None
+    if m is not None:
+        head = lm.get_output_embeddings()
+        w = head.weight[lo:hi]  # [V', d]: only the rows that can be sampled
+        b = head.bias[lo:hi] if getattr(head, "bias", None) is not None else None
+        s = p + max_new_tokens  # cache slots: the prompt, then one per new token
+        # a slot is visible once written, if it is not left padding; within the prompt
+        # also causally; a padding query sees itself (a row with no visible slot is NaN)
+        real = torch.cat([attention_mask, attention_mask.new_ones(n, max_new_tokens)], 1).bool()  # [N, S]
+        see = real[:, None] & torch.ones(p, s, dtype=torch.bool, device=dev).tril()  # [N, P, S]
+        see[:, torch.arange(p), torch.arange(p)] = True
+        cache: list = []
+        h = _decode(m, inputs_embeds, pos, cache, torch.arange(p, device=dev), see)[:, -1]  # [N, d]
+        logits = F.linear(h, w, b)  # [N, V']
+    else:
+        # transformers >= 5.2x renamed the cache argument; older 5.x only knows past_key_values
+        cache_kw = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+        out = lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=pos,
+                 use_cache=True, logits_to_keep=1)
+        cache, logits = out.past_key_values, out.logits[:, -1, lo:hi]  # [N, V']
     next_pos = pos[:, -1:] + 1  # [N, 1]
     tokens, logps = [], []
-    done = torch.zeros(n, dtype=torch.bool, device=inputs_embeds.device)
-    lengths = torch.full((n,), max_new_tokens, dtype=torch.long, device=inputs_embeds.device)
+    done = torch.zeros(n, dtype=torch.bool, device=dev)
+    lengths = torch.full((n,), max_new_tokens, dtype=torch.long, device=dev)
     for t in range(max_new_tokens):
         tok, lp = _pick(logits, temperature, top_k, top_p, generator)
         tok = (tok + lo).masked_fill(done, pad_id)
@@ -454,10 +532,16 @@ def sample(lm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Ten
         done = done | (tok == eos_id)
         if bool(done.all()) or t == max_new_tokens - 1:
             break
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(n, 1)], 1)
-        out = lm(input_ids=tok[:, None], attention_mask=attention_mask, position_ids=next_pos,
-                 use_cache=True, **{cache_kw: cache})
-        cache, logits = out.past_key_values, out.logits[:, -1, lo:hi]
+        if m is not None:
+            see = (real & (torch.arange(s, device=dev) <= p + t))[:, None]  # [N, 1, S]
+            x = m.embed_tokens(tok[:, None])  # [N, 1, d]
+            h = _decode(m, x, next_pos, cache, torch.tensor([p + t], device=dev), see)[:, -1]
+            logits = F.linear(h, w, b)  # [N, V']
+        else:
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(n, 1)], 1)
+            out = lm(input_ids=tok[:, None], attention_mask=attention_mask, position_ids=next_pos,
+                     use_cache=True, **{cache_kw: cache})
+            cache, logits = out.past_key_values, out.logits[:, -1, lo:hi]
         next_pos = next_pos + 1
     return torch.stack(tokens, 1), lengths, torch.stack(logps, 1)
 

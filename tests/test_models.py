@@ -12,6 +12,7 @@ from common.models import (
     load_qwen2_audio,
     load_real_asr,
     sample,
+    static_cache_decoder,
     toy_tokenizer,
     transcribe,
 )
@@ -173,6 +174,58 @@ def test_greedy_sampler_equals_hf_generate():
     mask[2, :4] = 0
     toks, lengths, _ = sample(lm, emb, mask, max_new_tokens=8, eos_id=39, temperature=0.0)
     ref = lm.generate(inputs_embeds=emb, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                      eos_token_id=39, pad_token_id=0)
+    assert toks.tolist() == ref[:, : toks.shape[1]].tolist()
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+def test_static_cache_sampler_equals_hf_generate_on_other_layouts(arch):
+    """The static-cache decoder follows the weights' own layout: Qwen3's per-head q/k norms
+    and Llama's bias-free projections give HF generate's greedy tokens too."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+    torch.manual_seed(0)
+    shape = dict(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2)
+    lm = (Qwen3ForCausalLM(Qwen3Config(head_dim=16, **shape)) if arch == "qwen3"
+          else LlamaForCausalLM(LlamaConfig(**shape))).eval()
+    assert static_cache_decoder(lm) is not None
+    emb, mask = torch.randn(3, 6, 32), torch.ones(3, 6, dtype=torch.long)
+    mask[1, :3] = 0
+    toks, _, _ = sample(lm, emb, mask, max_new_tokens=8, eos_id=39, temperature=0.0)
+    ref = lm.generate(inputs_embeds=emb, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                      eos_token_id=39, pad_token_id=0)
+    assert toks.tolist() == ref[:, : toks.shape[1]].tolist()
+
+
+def test_static_cache_equals_the_models_own_cache_when_sampling():
+    """Same generator, same draws: tokens, lengths and log-probs agree between the static
+    cache and the model's own forward + growing cache, with left padding, a vocabulary slice,
+    top-k/top-p and rows that stop at eos at different steps."""
+    torch.manual_seed(0)
+    lm = Qwen2ForCausalLM(Qwen2Config(vocab_size=30, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2)).eval()
+    emb, mask = torch.randn(16, 5, 32), torch.ones(16, 5, dtype=torch.long)
+    mask[::3, :2] = 0
+    outs = [sample(lm, emb, mask, max_new_tokens=12, eos_id=29, temperature=1.3, top_k=12, top_p=0.95,
+                   generator=torch.Generator().manual_seed(7), vocab=(10, 30), static_cache=sc)
+            for sc in (True, False)]
+    (t1, l1, p1), (t2, l2, p2) = outs
+    assert t1.tolist() == t2.tolist() and l1.tolist() == l2.tolist()
+    assert ((t1 >= 10) | (t1 == 0)).all() and len(set(l1.tolist())) > 1  # eos at different steps
+    torch.testing.assert_close(p1, p2, rtol=1e-5, atol=1e-5)
+
+
+def test_sampler_falls_back_to_the_models_own_forward():
+    """A layout the static-cache decoder does not know (GPT-2) still samples, through the
+    model's own forward and cache: greedy equals HF generate."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    lm = GPT2LMHeadModel(GPT2Config(vocab_size=40, n_embd=32, n_layer=2, n_head=4, n_positions=64)).eval()
+    assert static_cache_decoder(lm) is None
+    emb, mask = torch.randn(2, 5, 32), torch.ones(2, 5, dtype=torch.long)
+    toks, _, _ = sample(lm, emb, mask, max_new_tokens=6, eos_id=39, temperature=0.0)
+    ref = lm.generate(inputs_embeds=emb, attention_mask=mask, max_new_tokens=6, do_sample=False,
                       eos_token_id=39, pad_token_id=0)
     assert toks.tolist() == ref[:, : toks.shape[1]].tolist()
 

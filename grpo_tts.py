@@ -469,6 +469,9 @@ def main(a: Args) -> dict:
     dev = conditions(a.dev_data, lm, judges["tok"], skips, a)
     fixed = dev[: a.n_audio]  # the fixed texts a user listens to
     evaluate(lm, fixed, judges, a, os.path.join(a.out_dir, "audio", "step_0000"))
+    sets = ", ".join(f"{n} ({len(c)} texts)" for n, c in tests.items())
+    print(f"before RL: judging the SFT start on {sets}, the resynthesis floor and sampling on dev "
+          f"({len(dev)} texts x 8); this takes a few minutes")
     before = {name: evaluate(lm, c, judges, a) for name, c in tests.items()}
     floor = {name: resynth_cer(c, judges) for name, c in tests.items()}
     room = sampling_report(lm, dev, judges, a)

@@ -422,20 +422,24 @@ def _pick(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
     return tok, logp.gather(1, tok[:, None]).squeeze(1)
 
 
+STATIC_CACHE_MODELS = ("qwen2", "qwen3", "llama")
+
+
 def static_cache_decoder(lm: nn.Module) -> nn.Module | None:
-    """The decoder stack (`lm.model`) if the static-cache path below can run it: the
-    Qwen2 / Llama layer layout (q/k/v/o projections, pre-norms, rotary positions) with
-    no sliding window. Every LM in this project (toy, Qwen2.5, Qwen2-Audio's) is one;
-    for any other `sample` falls back to the model's own forward and cache."""
+    """The decoder stack (`lm.model`) if the static-cache path below computes this model
+    exactly: a Qwen2 / Qwen3 / Llama causal LM (q/k/v/o projections, pre-norms, rotary
+    positions over the whole head) with full attention in every layer. Every LM in this
+    project (toy, Qwen2.5, Qwen2-Audio's) is one; for any other model (look-alikes such as
+    Granite or Mistral add multipliers or windows) `sample` uses the model's own forward."""
+    cfg = getattr(lm, "config", None)
     m = getattr(lm, "model", None)
-    layers = getattr(m, "layers", None)
-    if layers is None or not all(hasattr(m, n) for n in ("embed_tokens", "rotary_emb", "norm")):
+    if getattr(cfg, "model_type", None) not in STATIC_CACHE_MODELS or m is None:
         return None
-    for layer in layers:
-        att = getattr(layer, "self_attn", None)
-        if att is None or getattr(att, "sliding_window", None) or not all(
-                hasattr(att, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling")):
-            return None
+    if getattr(cfg, "use_sliding_window", False) or any(
+            t != "full_attention" for t in getattr(cfg, "layer_types", None) or []):
+        return None
+    if getattr(cfg, "partial_rotary_factor", 1.0) != 1.0:
+        return None
     return m
 
 
@@ -445,35 +449,39 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-def _decode(m: nn.Module, x: torch.Tensor, pos: torch.Tensor, cache: list, slots: torch.Tensor,
+def _decode(m: nn.Module, x: torch.Tensor, pos: torch.Tensor, cache: list, at: int,
             see: torch.Tensor) -> torch.Tensor:
     """The decoder over x [N, T, d] at positions pos [N, T]. Each layer writes its keys and
-    values into its cache [N, H_kv, S, hd] at `slots` [T] (in place: no torch.cat per step,
-    which was 60% of a CPU decode step with a growing cache) and attends over the whole
-    cache, `see` [N, T, S] saying which slots each query may use. An empty `cache` list is
-    filled with zeroed buffers on the first call (in the dtype autocast gives k and v).
-    Returns the final-norm hidden states [N, T, d]."""
+    values into its pre-allocated cache [N, H_kv, S, hd] at slots at..at+T-1 (in place: no
+    torch.cat of a growing cache per step) and attends over slots 0..at+T-1, `see`
+    [N, T, at+T] saying which of them each query may use. Returns the final-norm hidden
+    states [N, T, d]."""
     n, t, _ = x.shape
+    end = at + t
     cos, sin = m.rotary_emb(x, pos)  # [N, T, hd] each
     cos, sin = cos[:, None], sin[:, None]  # [N, 1, T, hd]
-    for i, layer in enumerate(m.layers):
+    for layer, (k_cache, v_cache) in zip(m.layers, cache, strict=True):
         att = layer.self_attn
+        hd = att.head_dim
         h = layer.input_layernorm(x)
-        q = att.q_proj(h).view(n, t, -1, att.head_dim)  # [N, T, H, hd]
-        k = att.k_proj(h).view(n, t, -1, att.head_dim)  # [N, T, H_kv, hd]
-        if hasattr(att, "q_norm"):  # Qwen3-style per-head norms
+        q = att.q_proj(h).view(n, t, -1, hd)  # [N, T, H, hd]
+        k = att.k_proj(h).view(n, t, -1, hd)  # [N, T, H_kv, hd]
+        if hasattr(att, "q_norm"):  # Qwen3: per-head norms before the rotation
             q, k = att.q_norm(q), att.k_norm(k)
-        q = _rotate(q.transpose(1, 2), cos, sin)  # [N, H, T, hd]
-        k = _rotate(k.transpose(1, 2), cos, sin)  # [N, H_kv, T, hd]
-        v = att.v_proj(h).view(n, t, -1, att.head_dim).transpose(1, 2)  # [N, H_kv, T, hd]
-        if len(cache) == i:
-            cache.append((k.new_zeros(n, k.shape[1], see.shape[-1], att.head_dim),
-                          v.new_zeros(n, v.shape[1], see.shape[-1], att.head_dim)))
-        k_cache, v_cache = cache[i]
-        k_cache.index_copy_(2, slots, k)
-        v_cache.index_copy_(2, slots, v)
-        o = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=see[:, None],
-                                           scale=att.scaling, enable_gqa=True)  # [N, H, T, hd]
+        q = _rotate(q.transpose(1, 2), cos, sin).to(k_cache.dtype)  # [N, H, T, hd]
+        k_cache[:, :, at:end] = _rotate(k.transpose(1, 2), cos, sin)  # [N, H_kv, T, hd]
+        v_cache[:, :, at:end] = att.v_proj(h).view(n, t, -1, hd).transpose(1, 2)
+        keys, values = k_cache[:, :, :end], v_cache[:, :, :end]  # [N, H_kv, end, hd]
+        rep = q.shape[1] // keys.shape[1]  # query heads per key/value head (GQA)
+        if t == 1:  # decode: a KV head's `rep` query heads become its query rows (no copy
+            # of the cache, and a kernel that takes a mask, unlike SDPA's enable_gqa on CUDA)
+            o = F.scaled_dot_product_attention(q.reshape(n, -1, rep, hd), keys, values,
+                                               attn_mask=see[:, None], scale=att.scaling)
+            o = o.reshape(n, -1, 1, hd)  # [N, H, 1, hd]
+        else:  # prefill, once per rollout
+            keys, values = keys.repeat_interleave(rep, 1), values.repeat_interleave(rep, 1)  # [N, H, end, hd]
+            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=see[:, None],
+                                               scale=att.scaling)  # [N, H, T, hd]
         x = x + att.o_proj(o.transpose(1, 2).reshape(n, t, -1))
         x = x + layer.mlp(layer.post_attention_layernorm(x))
     return m.norm(x)
@@ -505,14 +513,18 @@ def sample(lm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Ten
         w = head.weight[lo:hi]  # [V', d]: only the rows that can be sampled
         b = head.bias[lo:hi] if getattr(head, "bias", None) is not None else None
         s = p + max_new_tokens  # cache slots: the prompt, then one per new token
-        # a slot is visible once written, if it is not left padding; within the prompt
-        # also causally; a padding query sees itself (a row with no visible slot is NaN)
+        # the cache holds what attention reads: autocast's dtype (bf16 on CUDA) if it is on
+        dt = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else w.dtype
+        cache = [tuple(torch.zeros(n, layer.self_attn.k_proj.out_features // layer.self_attn.head_dim, s,
+                                   layer.self_attn.head_dim, dtype=dt, device=dev) for _ in range(2))
+                 for layer in m.layers]  # [(keys, values) [N, H_kv, S, hd]] per layer
+        # a slot is visible if it is not left padding, within the prompt also causally; a
+        # padding query sees itself (a query that sees nothing gives NaN)
         real = torch.cat([attention_mask, attention_mask.new_ones(n, max_new_tokens)], 1).bool()  # [N, S]
-        see = real[:, None] & torch.ones(p, s, dtype=torch.bool, device=dev).tril()  # [N, P, S]
+        see = real[:, None, :p] & torch.ones(p, p, dtype=torch.bool, device=dev).tril()  # [N, P, P]
         see[:, torch.arange(p), torch.arange(p)] = True
-        cache: list = []
-        h = _decode(m, inputs_embeds, pos, cache, torch.arange(p, device=dev), see)[:, -1]  # [N, d]
-        logits = F.linear(h, w, b)  # [N, V']
+        h = _decode(m, inputs_embeds, pos, cache, 0, see)[:, -1]  # [N, d]
+        logits = F.linear(h.to(w.dtype), w, b)  # [N, V']
     else:
         # transformers >= 5.2x renamed the cache argument; older 5.x only knows past_key_values
         cache_kw = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
@@ -533,10 +545,9 @@ def sample(lm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Ten
         if bool(done.all()) or t == max_new_tokens - 1:
             break
         if m is not None:
-            see = (real & (torch.arange(s, device=dev) <= p + t))[:, None]  # [N, 1, S]
             x = m.embed_tokens(tok[:, None])  # [N, 1, d]
-            h = _decode(m, x, next_pos, cache, torch.tensor([p + t], device=dev), see)[:, -1]
-            logits = F.linear(h, w, b)  # [N, V']
+            h = _decode(m, x, next_pos, cache, p + t, real[:, None, : p + t + 1])[:, -1]  # [N, d]
+            logits = F.linear(h.to(w.dtype), w, b)  # [N, V']
         else:
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(n, 1)], 1)
             out = lm(input_ids=tok[:, None], attention_mask=attention_mask, position_ids=next_pos,

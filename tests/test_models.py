@@ -216,6 +216,35 @@ def test_static_cache_equals_the_models_own_cache_when_sampling():
     torch.testing.assert_close(p1, p2, rtol=1e-5, atol=1e-5)
 
 
+def test_static_cache_only_for_layouts_it_computes_exactly():
+    """Look-alike layouts (Granite's multipliers, Mistral's window) are left to their own
+    forward, and so is a Qwen2 with a sliding window."""
+    from transformers import GraniteConfig, GraniteForCausalLM, MistralConfig, MistralForCausalLM
+    shape = dict(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2)
+    assert static_cache_decoder(GraniteForCausalLM(GraniteConfig(**shape))) is None
+    assert static_cache_decoder(MistralForCausalLM(MistralConfig(**shape))) is None
+    windowed = Qwen2Config(use_sliding_window=True, sliding_window=4, max_window_layers=0, **shape)
+    assert static_cache_decoder(Qwen2ForCausalLM(windowed)) is None
+    assert static_cache_decoder(Qwen2ForCausalLM(Qwen2Config(**shape))) is not None
+
+
+def test_static_cache_under_bf16_autocast():
+    """The autocast path (bf16 on CUDA in the scripts) runs to full length, and its first
+    token (the prefill) agrees with the model's own forward under the same autocast."""
+    torch.manual_seed(0)
+    lm = Qwen2ForCausalLM(Qwen2Config(vocab_size=40, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2)).eval()
+    emb, mask = torch.randn(4, 6, 32), torch.ones(4, 6, dtype=torch.long)
+    mask[1, :2] = 0
+    with torch.autocast("cpu", torch.bfloat16):
+        toks, lengths, _ = sample(lm, emb, mask, max_new_tokens=5, eos_id=-1, temperature=0.0)
+        ref, _, _ = sample(lm, emb, mask, max_new_tokens=5, eos_id=-1, temperature=0.0, static_cache=False)
+    assert toks.shape == (4, 5) and lengths.tolist() == [5] * 4
+    assert toks[:, 0].tolist() == ref[:, 0].tolist()
+
+
 def test_sampler_falls_back_to_the_models_own_forward():
     """A layout the static-cache decoder does not know (GPT-2) still samples, through the
     model's own forward and cache: greedy equals HF generate."""

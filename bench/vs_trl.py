@@ -9,8 +9,9 @@ own subprocess (so each peak memory is its own).
 The model is the toy TTS LM (`build_toy_tts`: a Qwen2ForCausalLM, hidden 256, 4 layers,
 108 words + 512 speech tokens + eos + sos) with random weights, seed 0, dropout off. The
 prompts are CosyVoice-2-shaped (20 text ids, <sos>, 40-80 prompt speech ids), the same B
-for both. eos is never sampled (ours samples the speech tokens only; TRL gets
-`min_new_tokens`), so every completion has exactly `--new` tokens in both. The reward is
+for both. Both sample the 512 speech tokens only (ours through its vocabulary slice, TRL
+through `suppress_tokens` for every other id), so eos never comes and every completion
+has exactly `--new` tokens in both (asserted). The reward is
 one cheap Python function of the completion's speech ids for both (the share of ids in
 the lower half of the codebook), so that the step measures the GRPO machinery, not a
 judge. Both: T = 1, beta = 0.1 (a reference model), mu = 1, clip 0.2, the `grpo` loss
@@ -25,8 +26,9 @@ by default, ours keeps activations: the `trl` column turns it off (the same work
 the ratios in the JSON line), the `trl-gc` column is TRL's default, for reference.
 
 Time per step = median of the timed steps after one warm-up step. Memory: on CUDA the
-peak of torch.cuda.max_memory_allocated; on CPU the growth of peak RSS (ru_maxrss) over
-the RSS just before the first step (model, reference model and data already built). The
+peak of torch.cuda.max_memory_allocated (TRL's model is built on the CPU, so only its own
+copies are on the GPU); on CPU the peak RSS during the steps (sampled every 5 ms) minus the
+RSS just before the first step (model, reference model and data already built). The
 last line is one JSON object with `speedup` = trl_step_s / ours_step_s and `mem_ratio` =
 trl_peak / ours_peak.
 """
@@ -37,11 +39,11 @@ import copy
 import json
 import os
 import random
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import torch
@@ -61,15 +63,42 @@ def rss_mb() -> float:
     return 0.0
 
 
-def peak_mb(device: str, base: float) -> float:
+class PeakRSS:
+    """CPU: the peak RSS over the measured region, sampled every 5 ms by a thread (the
+    process's lifetime peak, ru_maxrss, would also count spikes before the region)."""
+
+    def __init__(self) -> None:
+        self.base = self.peak = rss_mb()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.watch, daemon=True)
+        self.thread.start()
+
+    def watch(self) -> None:
+        while not self.stop.wait(0.005):
+            self.peak = max(self.peak, rss_mb())
+
+    def growth(self) -> float:
+        self.stop.set()
+        self.thread.join()
+        return max(self.peak, rss_mb()) - self.base
+
+
+def start_peak(device: str):
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return None
+    return PeakRSS()
+
+
+def peak_mb(device: str, watch) -> float:
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
-    return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base, 0.0)
+    return watch.growth()
 
 
-def setup(a: argparse.Namespace):
+def setup(a: argparse.Namespace, device: str):
     """The model (random weights, seed 0, no dropout) and the B prompts, the same for both."""
-    lm = build_toy_tts(WORDS, K, dropout=0.0, seed=0).to(a.device)
+    lm = build_toy_tts(WORDS, K, dropout=0.0, seed=0).to(device)
     rng = random.Random(0)
     text = range(4, lm.offset)  # word ids (0-3 are specials)
     prompts = [[rng.choice(text) for _ in range(20)] + [lm.sos_id]
@@ -86,7 +115,7 @@ def run_ours(a: argparse.Namespace) -> dict:
     from common.models import sample
     from grpo_tts import Args, group_advantages, grpo_loss, sequence_logprobs
 
-    lm, prompts = setup(a)
+    lm, prompts = setup(a, a.device)
     lm.eval().requires_grad_(True)
     ref = copy.deepcopy(lm.lm).eval().requires_grad_(False)
     ga = Args(batch_size=a.b, group_size=a.g, max_new_tokens=a.new, device=a.device, bf16=a.device == "cuda",
@@ -97,10 +126,9 @@ def run_ours(a: argparse.Namespace) -> dict:
 
     def step() -> None:
         # rollout: G samples per prompt, speech tokens only (eos excluded: fixed length)
-        ids, mask, _, _, _ = lm.batch(rows)
-        with torch.autocast(a.device, torch.bfloat16, enabled=ga.bf16):
-            toks, _, _ = sample(lm.lm, lm.lm.get_input_embeddings()(ids), mask, a.new, eos_id=-1,
-                                temperature=1.0, generator=gen, vocab=(lm.offset, lm.offset + K))
+        ids, mask, _, _, _ = lm.batch(rows)  # as grpo_tts.synthesize (which samples without autocast)
+        toks, _, _ = sample(lm.lm, lm.lm.get_input_embeddings()(ids), mask, a.new, eos_id=-1,
+                            temperature=1.0, generator=gen, vocab=(lm.offset, lm.offset + K))
         outs = [[t - lm.offset for t in row] for row in toks.tolist()]  # [B*G] lists of L ids
         r = torch.tensor([reward(o) for o in outs]).view(a.b, a.g)  # [B, G]
         adv, _ = group_advantages(r, ga.scale)
@@ -114,9 +142,7 @@ def run_ours(a: argparse.Namespace) -> dict:
         torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
         opt.step()
 
-    base = rss_mb()
-    if a.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    watch = start_peak(a.device)
     times = []
     for _ in range(1 + a.steps):
         if a.device == "cuda":
@@ -127,7 +153,7 @@ def run_ours(a: argparse.Namespace) -> dict:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return {"variant": "ours", "step_s": statistics.median(times[1:]), "steps_s": times,
-            "peak_mb": peak_mb(a.device, base)}
+            "peak_mb": peak_mb(a.device, watch)}
 
 
 def run_trl(a: argparse.Namespace, checkpointing: bool) -> dict:
@@ -136,7 +162,7 @@ def run_trl(a: argparse.Namespace, checkpointing: bool) -> dict:
     from transformers import PreTrainedTokenizerFast, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    lm, prompts = setup(a)
+    lm, prompts = setup(a, "cpu")  # TRL loads its own copies from the saved folder
     v = lm.lm.config.vocab_size
     # a word-level tokenizer whose token "wI" is LM id I, so that TRL's string prompts
     # tokenize to exactly our prompt ids (no special tokens added)
@@ -147,16 +173,16 @@ def run_trl(a: argparse.Namespace, checkpointing: bool) -> dict:
     data = Dataset.from_dict({"prompt": [" ".join(f"w{i}" for i in p) for p in prompts] * (1 + a.steps)})
 
     def trl_reward(completion_ids, **_) -> list[float]:
-        return [reward([t - lm.offset for t in c]) for c in completion_ids]
+        speech = [[t - lm.offset for t in c] for c in completion_ids]
+        assert all(0 <= t < K for c in speech for t in c), "TRL sampled a non-speech id"
+        return [reward(c) for c in speech]
 
     times: list[float] = []
-    base = [0.0]
+    watch: list = [None]
 
     class Clock(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
-            base[0] = rss_mb()
-            if a.device == "cuda":
-                torch.cuda.reset_peak_memory_stats()
+            watch[0] = start_peak(a.device)
 
         def on_step_begin(self, args, state, control, **kw):
             if a.device == "cuda":
@@ -171,10 +197,12 @@ def run_trl(a: argparse.Namespace, checkpointing: bool) -> dict:
     with tempfile.TemporaryDirectory() as out:
         # TRL builds the reference model by loading the policy's folder again
         lm.lm.save_pretrained(os.path.join(out, "model"))
+        not_speech = [i for i in range(v) if not lm.offset <= i < lm.offset + K]  # as ours: speech only
         cfg = GRPOConfig(
             output_dir=out, per_device_train_batch_size=a.b * a.g, num_generations=a.g,
             steps_per_generation=1, gradient_accumulation_steps=1, max_completion_length=a.new,
-            generation_kwargs={"min_new_tokens": a.new}, model_init_kwargs={"dtype": torch.float32},
+            generation_kwargs={"min_new_tokens": a.new, "suppress_tokens": not_speech},
+            model_init_kwargs={"dtype": torch.float32},
             temperature=1.0, top_k=0, top_p=1.0, beta=0.1, epsilon=0.2, num_iterations=1, loss_type="grpo",
             scale_rewards="group", learning_rate=1e-4, lr_scheduler_type="constant", weight_decay=0.0,
             max_grad_norm=1.0, optim="adamw_torch", max_steps=1 + a.steps, logging_steps=1, report_to="none",
@@ -186,8 +214,9 @@ def run_trl(a: argparse.Namespace, checkpointing: bool) -> dict:
         trainer.train()
         lengths = [r["completions/mean_length"] for r in trainer.state.log_history
                    if "completions/mean_length" in r]
+    assert lengths and all(n == a.new for n in lengths), f"TRL completions not all {a.new} long: {lengths}"
     return {"variant": "trl-gc" if checkpointing else "trl", "step_s": statistics.median(times[1:]),
-            "steps_s": times, "peak_mb": peak_mb(a.device, base[0]), "mean_length": lengths}
+            "steps_s": times, "peak_mb": peak_mb(a.device, watch[0]), "mean_length": lengths}
 
 
 def main() -> None:

@@ -49,18 +49,11 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.logprob import rss_mb  # noqa: E402
 from common.tts import build_toy_tts  # noqa: E402
 
 K = 512  # speech tokens
 WORDS = [f"word{i}" for i in range(108)]
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 class PeakRSS:

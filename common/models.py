@@ -443,12 +443,6 @@ def static_cache_decoder(lm: nn.Module) -> nn.Module | None:
     return m
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary position embedding (the same formula as transformers' apply_rotary_pos_emb)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
-
-
 def _decode(m: nn.Module, x: torch.Tensor, pos: torch.Tensor, cache: list, at: int,
             see: torch.Tensor) -> torch.Tensor:
     """The decoder over x [N, T, d] at positions pos [N, T]. Each layer writes its keys and
@@ -456,10 +450,11 @@ def _decode(m: nn.Module, x: torch.Tensor, pos: torch.Tensor, cache: list, at: i
     torch.cat of a growing cache per step) and attends over slots 0..at+T-1, `see`
     [N, T, at+T] saying which of them each query may use. Returns the final-norm hidden
     states [N, T, d]."""
+    from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb  # Llama's and Qwen3's too
+
     n, t, _ = x.shape
     end = at + t
     cos, sin = m.rotary_emb(x, pos)  # [N, T, hd] each
-    cos, sin = cos[:, None], sin[:, None]  # [N, 1, T, hd]
     for layer, (k_cache, v_cache) in zip(m.layers, cache, strict=True):
         att = layer.self_attn
         hd = att.head_dim
@@ -468,8 +463,9 @@ def _decode(m: nn.Module, x: torch.Tensor, pos: torch.Tensor, cache: list, at: i
         k = att.k_proj(h).view(n, t, -1, hd)  # [N, T, H_kv, hd]
         if hasattr(att, "q_norm"):  # Qwen3: per-head norms before the rotation
             q, k = att.q_norm(q), att.k_norm(k)
-        q = _rotate(q.transpose(1, 2), cos, sin).to(k_cache.dtype)  # [N, H, T, hd]
-        k_cache[:, :, at:end] = _rotate(k.transpose(1, 2), cos, sin)  # [N, H_kv, T, hd]
+        q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # [N, H(_kv), T, hd]
+        q = q.to(k_cache.dtype)
+        k_cache[:, :, at:end] = k
         v_cache[:, :, at:end] = att.v_proj(h).view(n, t, -1, hd).transpose(1, 2)
         keys, values = k_cache[:, :, :end], v_cache[:, :, :end]  # [N, H_kv, end, hd]
         rep = q.shape[1] // keys.shape[1]  # query heads per key/value head (GQA)

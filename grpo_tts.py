@@ -28,6 +28,7 @@ from common.logprob import token_logprobs
 from common.models import sample
 from common.tts import (
     TTSLM,
+    SemanticTokenizer,
     SpeechTokenizer,
     Token2Mel,
     load_judge,
@@ -144,7 +145,8 @@ class Cond:
     ref_len: int | None
 
 
-def conditions(path: str, lm: TTSLM, tok: SpeechTokenizer, skips: Skips, a: Args) -> list[Cond]:
+def conditions(path: str, lm: TTSLM, tok: SpeechTokenizer | SemanticTokenizer, skips: Skips,
+               a: Args) -> list[Cond]:
     """Each line's prompt: its own prompt_audio, else the next line of the same speaker,
     else the default prompt voice (--prompt_audio)."""
     utts = read_data(path, skips, need_audio=False)
@@ -209,11 +211,13 @@ def speech_of(o: list[int], n_speech: int) -> torch.Tensor:
     return torch.tensor([t for t in o if t < n_speech], dtype=torch.long)
 
 
-def judge_mels(t2m: Token2Mel, outs: list[list[int]], n_speech: int) -> list[torch.Tensor | None]:
-    """token2wav's first half for every output; None where there is no audio at all."""
+def judge_mels(t2m: Token2Mel, outs: list[list[int]], n_speech: int,
+               voices: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    """token2wav's first half for every output (voices: each one's prompt log-mel, read by a
+    voice-conditioned token2mel); None where there is no audio at all."""
     speech = [speech_of(o, n_speech) for o in outs]
     have = [i for i, s in enumerate(speech) if len(s) > 0]
-    mels = t2m.mel([speech[i] for i in have])
+    mels = t2m.mel([speech[i] for i in have], [voices[i] for i in have])
     res: list[torch.Tensor | None] = [None] * len(outs)
     for i, m in zip(have, mels, strict=True):
         res[i] = m
@@ -367,7 +371,7 @@ def evaluate(lm: TTSLM, conds: list[Cond], judges: dict, a: Args, wav_dir: str |
     evaluation ASR and the speaker encoder judge it: CER, WER, SIM, duration ratio, no-eos."""
     gen = torch.Generator(device=a.device).manual_seed(a.seed)
     outs, ended = synthesize(lm, conds, a, a.eval_temperature, gen)
-    mels = judge_mels(judges["t2m"], outs, lm.n_speech)
+    mels = judge_mels(judges["t2m"], outs, lm.n_speech, [c.prompt_mel for c in conds])
     have = [i for i, m in enumerate(mels) if m is not None]
     wavs: list = [None] * len(outs)
     for i, w in zip(have, mel_to_wav([mels[i] for i in have]), strict=True):
@@ -397,7 +401,7 @@ def resynth_cer(conds: list[Cond], judges: dict) -> dict[str, float]:
     cs = [c for c in conds if c.utt.audio]
     real_wav = [load_audio(c.utt.audio) for c in cs]
     real = [log_mel(w) for w in real_wav]
-    fake_wav = mel_to_wav(judges["t2m"].mel([judges["tok"].encode(m) for m in real]))
+    fake_wav = mel_to_wav(judges["t2m"].mel(judges["tok"].encode_batch(real), [c.prompt_mel for c in cs]))
     refs, asr = [c.utt.text for c in cs], judges["eval_asr"]
     return {"real": corpus_error(refs, transcribe_with(asr, real, real_wav), "char")["wer"],
             "resynth": corpus_error(refs, transcribe_with(asr, [log_mel(w) for w in fake_wav], fake_wav),
@@ -410,7 +414,8 @@ def sampling_report(lm: TTSLM, conds: list[Cond], judges: dict, a: Args, g: int 
     std, the share of groups with reward std > 0.05, and outputs without eos."""
     gen = torch.Generator(device=a.device).manual_seed(a.seed + 1)
     outs, ended = synthesize(lm, conds, a, 1.0, gen, repeat=g)
-    hyps = transcribe(judges["reward_asr"], judge_mels(judges["t2m"], outs, lm.n_speech),
+    voices = [conds[i // g].prompt_mel for i in range(len(outs))]
+    hyps = transcribe(judges["reward_asr"], judge_mels(judges["t2m"], outs, lm.n_speech, voices),
                       a.reward_on == "wav")
     cer = torch.tensor([error_rate(conds[i // g].utt.text, h, "char") if ended[i] else 1.0
                         for i, h in enumerate(hyps)]).view(-1, g)  # [n, g]
@@ -521,7 +526,8 @@ def main(a: Args) -> dict:
         t_sample = time.time() - t0
         # 2. Frozen judges on token2wav's output, batched, no grad (SPEC F1), then rewards (Eq. G2).
         with torch.no_grad(), torch.autocast(a.device, torch.bfloat16, enabled=a.bf16):
-            mels = judge_mels(judges["t2m"], outs, lm.n_speech)
+            voices = [c.prompt_mel for c in batch for _ in range(G)]  # the prompt's voice, for token2mel
+            mels = judge_mels(judges["t2m"], outs, lm.n_speech, voices)
             hyps = transcribe(judges["reward_asr"], mels, a.reward_on == "wav")
             sims = None
             if a.w_sim:  # Eq. T4 reads token2mel's mel, as the reward ASR does

@@ -1,7 +1,9 @@
 """The toy TTS world, built once and cached stage by stage (SPEC §3's pieces, tiny):
 
-    1 tokenizer  k-means (K=512) over log-mel frames pooled to 25 Hz: audio -> speech tokens
-    2 token2wav  a conv net tokens -> log-mel, then Griffin-Lim (common.tts.mel_to_wav)
+    1 tokenizer  k-means (K=512) over log-mel frames pooled to 25 Hz: audio -> speech tokens;
+                 or (--tokens semantic) over the encoder states of a CTC recogniser
+    2 token2wav  a conv net tokens -> log-mel, then Griffin-Lim (common.tts.mel_to_wav); with
+                 semantic tokens it also reads the voice of another utterance of the speaker
     3 judges     the reward ASR and a separate evaluation ASR (character CTC), both trained
                  on real audio and on token2wav audio of real tokens, and a speaker encoder
     4 tts_lm     the TTS LM (Qwen2 from a small config), SFT until dev stops improving
@@ -35,6 +37,7 @@ from common.tts import (
     TOKEN_HOP,
     TTSLM,
     CTCRecognizer,
+    SemanticTokenizer,
     SpeakerEncoder,
     SpeechTokenizer,
     Token2Mel,
@@ -57,6 +60,10 @@ class Args:
     """stages to rebuild even if cached: tokenizer, token2wav, judges, tts_lm (repeatable)"""
     n_tokens: int = 512
     """K, the speech-token vocabulary (K=256 was 4-7 CER points worse in the prototype)"""
+    tokens: str = "mel"
+    """speech tokens: mel (k-means over log-mel frames) or semantic (over a CTC recogniser's states)"""
+    tok_asr_minutes: float = 5.0
+    """semantic tokens: the training budget of the recogniser whose states they cluster"""
     t2m_d: int = 192
     """token2mel width"""
     t2m_blocks: int = 6
@@ -108,6 +115,8 @@ def cached(a: Args, world: str, stage: str) -> str:
                                                                "every": a.eval_every}
     if a.max_steps:
         cfg["max_steps"] = a.max_steps
+    if a.tokens != "mel":  # mel tokens add nothing, so the hashes of mel worlds hold
+        cfg |= {"tokens": a.tokens, "tok_asr_minutes": a.tok_asr_minutes}
     # a stage whose code changed gets a new folder; version 1 adds nothing, so old hashes hold
     cfg |= {f"v_{s}": STAGE_VERSIONS[s] for s in upto if STAGE_VERSIONS[s] > 1}
     h = hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:8]
@@ -154,32 +163,85 @@ def train_until_plateau(name: str, params, step_fn, dev_fn, minutes: float, a: A
 
 
 # ------------------------------------------------------------------ the stages
+def peers(utts) -> list[list[int]]:
+    """For each utterance, the other utterances of its speaker (voice references)."""
+    by_spk: dict[str, list[int]] = {}
+    for i, u in enumerate(utts):
+        by_spk.setdefault(u.speaker, []).append(i)
+    return [[j for j in by_spk[u.speaker] if j != i] or [i] for i, u in enumerate(utts)]
+
+
+def train_ctc(name: str, cfg: dict, data: list, dev: list, minutes: float, seed: int, a: Args,
+              path: str, rng: random.Random) -> tuple[CTCRecognizer, dict]:
+    """A character CTC recogniser on (log-mel, utterance) pairs, batches drawn with rng;
+    dev = a list of (log-mels, utterances) sets whose CERs are averaged."""
+    torch.manual_seed(a.seed + seed)
+    asr = CTCRecognizer(cfg)
+
+    def step_fn():
+        batch = rng.sample(data, a.judge_batch)
+        lp, hl = asr([m for m, _ in batch])
+        ys = [torch.tensor(CTCRecognizer.targets(u.text)) for _, u in batch]
+        return F.ctc_loss(lp.transpose(0, 1), torch.cat(ys), hl, torch.tensor([len(y) for y in ys]),
+                          blank=lp.shape[-1] - 1, zero_infinity=True)
+
+    def dev_fn():
+        return sum(corpus_error([u.text for u in us], asr.transcribe(ms), "char")["wer"]
+                   for ms, us in dev) / len(dev)
+
+    rep = train_until_plateau(name, asr.parameters(), step_fn, dev_fn, minutes, a, 1e-3,
+                              lambda: save_module(asr, path))
+    return load_module(path), rep
+
+
 def build_tokenizer(a, out, splits):
-    tok = SpeechTokenizer.fit(splits["train"][1], a.n_tokens, seed=a.seed)
-    tokens = {name: {u.key: tok.encode(m).tolist() for u, m in zip(*splits[name], strict=True)}
-              for name in splits}
+    rep = {}
+    if a.tokens == "semantic":  # CosyVoice's supervised semantic tokens: an ASR's states, clustered
+        (utts, mels), (dev_u, dev_m) = splits["train"], splits["dev"]
+        asr, rep["asr"] = train_ctc("tokenizer_asr", {"d": 128, "layers": 3, "conv_blocks": 2},
+                                    list(zip(mels, utts, strict=True)), [(dev_m, dev_u)],
+                                    a.tok_asr_minutes, 3, a, os.path.join(out, "asr"),
+                                    random.Random(a.seed + 3))
+        tok: torch.nn.Module = SemanticTokenizer.fit(asr, mels, a.n_tokens, seed=a.seed)
+    elif a.tokens == "mel":
+        tok = SpeechTokenizer.fit(splits["train"][1], a.n_tokens, seed=a.seed)
+    else:
+        raise SystemExit(f"--tokens takes mel or semantic, not {a.tokens!r}")
+    tokens = {}
+    for name, (utts, mels) in splits.items():
+        tokens[name] = {u.key: t.tolist() for u, t in zip(utts, tok.encode_batch(mels), strict=True)}
     save_module(tok, os.path.join(out, "tokenizer"))
     with open(os.path.join(out, "tokens.json"), "w") as f:
         json.dump(tokens, f)
     n = [len(t) for t in tokens["train"].values()]
-    return {"tokens_per_utt": sum(n) / len(n),
-            "codes_used": len({c for t in tokens["train"].values() for c in t})}
+    return rep | {"tokens_per_utt": sum(n) / len(n),
+                  "codes_used": len({c for t in tokens["train"].values() for c in t})}
 
 
 def build_token2wav(a, out, splits, tokens):
     utts, mels = splits["train"]
     allm = torch.cat(mels)
-    net = Token2Mel({"n_tokens": a.n_tokens, "d": a.t2m_d, "blocks": a.t2m_blocks})
+    net = Token2Mel({"n_tokens": a.n_tokens, "d": a.t2m_d, "blocks": a.t2m_blocks,
+                     "voice": a.tokens == "semantic"})
     net.mean, net.std = allm.mean(0), allm.std(0) + 1e-5
-    pairs = [(torch.tensor(tokens["train"][u.key]), m) for u, m in zip(utts, mels, strict=True)]
-    dev = [(torch.tensor(tokens["dev"][u.key]), m) for u, m in zip(*splits["dev"], strict=True)]
-    rng = random.Random(a.seed)
+    rng, vrng = random.Random(a.seed), random.Random(a.seed + 1)  # batches; voice references
+    voices, near = [net.voice_of(m) for m in mels], peers(utts)
+    pairs = [(torch.tensor(tokens["train"][u.key]), m, i)
+             for i, (u, m) in enumerate(zip(utts, mels, strict=True))]
+    dev_u, dev_m = splits["dev"]
+    dev_near = peers(dev_u)
+    dev = [(torch.tensor(tokens["dev"][u.key]), m, net.voice_of(dev_m[dev_near[i][0]]))
+           for i, (u, m) in enumerate(zip(dev_u, dev_m, strict=True))]
+
+    def train_batch():  # each item's voice: another utterance of its speaker, drawn afresh
+        return [(t, m, voices[vrng.choice(near[i])]) for t, m, i in rng.sample(pairs, a.batch_size)]
 
     def loss_on(batch):
-        x, lens = torch.nn.utils.rnn.pad_sequence([t for t, _ in batch], True), [len(t) for t, _ in batch]
-        y = net(x, torch.tensor(lens))  # [B, 4n, 80]
+        lens = [len(t) for t, _, _ in batch]
+        x = torch.nn.utils.rnn.pad_sequence([t for t, _, _ in batch], True)
+        y = net(x, torch.tensor(lens), torch.stack([v for _, _, v in batch]))  # [B, 4n, 80]
         loss, n = 0.0, 0
-        for i, (_, m) in enumerate(batch):
+        for i, (_, m, _) in enumerate(batch):
             k = min(TOKEN_HOP * lens[i], m.shape[0])
             loss = loss + F.l1_loss(y[i, :k], (m[:k] - net.mean) / net.std, reduction="sum")
             n += k * m.shape[1]
@@ -192,8 +254,7 @@ def build_token2wav(a, out, splits, tokens):
         net.train()
         return d
 
-    return train_until_plateau("token2mel", net.parameters(),
-                               lambda: loss_on(rng.sample(pairs, a.batch_size)),
+    return train_until_plateau("token2mel", net.parameters(), lambda: loss_on(train_batch()),
                                dev_fn, a.t2m_minutes, a, 2e-3,
                                lambda: save_module(net, os.path.join(out, "token2mel")))
 
@@ -202,38 +263,26 @@ def build_judges(a, out, splits, tokens, t2m):
     """Reward ASR, evaluation ASR and speaker encoder. Each sees real audio and token2wav's
     mel of the real tokens, so it measures content, not vocoder artefacts."""
     utts, mels = splits["train"]
-    fake = []
+    rng, vrng = random.Random(a.seed), random.Random(a.seed + 1)  # batches; voice references
+    near = peers(utts)
+    fake = []  # a voice-reading token2mel hears another utterance of the speaker, as in synthesis
     for s in tqdm(range(0, len(utts), 256), desc="token2mel of train"):
-        fake += t2m.mel([torch.tensor(tokens["train"][u.key]) for u in utts[s : s + 256]])
+        fake += t2m.mel([torch.tensor(tokens["train"][u.key]) for u in utts[s : s + 256]],
+                        [mels[vrng.choice(near[i])] for i in range(s, min(s + 256, len(utts)))])
     data = ([(m, u) for u, m in zip(utts, mels, strict=True)]
             + [(m, u) for u, m in zip(utts, fake, strict=True)])
     dev_u, dev_m = splits["dev"]
-    dev_fake = t2m.mel([torch.tensor(tokens["dev"][u.key]) for u in dev_u])
-    rng = random.Random(a.seed)
+    dev_fake = t2m.mel([torch.tensor(tokens["dev"][u.key]) for u in dev_u],
+                       [dev_m[p[0]] for p in peers(dev_u)])
     report = {}
-    # two different recognisers: the evaluation ASR is smaller, shaped differently, seeded apart
+    # two different recognisers: the evaluation ASR is smaller, shaped differently, seeded apart;
+    # dev CER is the mean over real and token2wav dev audio
     for name, cfg, minutes, seed in (("reward_asr", {"d": 144, "layers": 3, "conv_blocks": 3},
                                       a.judge_minutes, 1),
                                      ("eval_asr", {"d": 128, "layers": 3, "conv_blocks": 2},
                                       0.75 * a.judge_minutes, 2)):
-        torch.manual_seed(a.seed + seed)
-        asr = CTCRecognizer(cfg)
-
-        def step_fn(asr=asr):
-            batch = rng.sample(data, a.judge_batch)
-            lp, hl = asr([m for m, _ in batch])
-            ys = [torch.tensor(CTCRecognizer.targets(u.text)) for _, u in batch]
-            return F.ctc_loss(lp.transpose(0, 1), torch.cat(ys), hl, torch.tensor([len(y) for y in ys]),
-                              blank=lp.shape[-1] - 1, zero_infinity=True)
-
-        def dev_fn(asr=asr):  # CER on real and on token2wav dev audio, averaged
-            refs = [u.text for u in dev_u]
-            return 0.5 * (corpus_error(refs, asr.transcribe(dev_m), "char")["wer"]
-                          + corpus_error(refs, asr.transcribe(dev_fake), "char")["wer"])
-
-        report[name] = train_until_plateau(name, asr.parameters(), step_fn, dev_fn, minutes, a, 1e-3,
-                                           lambda asr=asr, name=name: save_module(
-                                               asr, os.path.join(out, name)))
+        report[name] = train_ctc(name, cfg, data, [(dev_m, dev_u), (dev_fake, dev_u)], minutes, seed, a,
+                                 os.path.join(out, name), rng)[1]
     speakers = sorted({u.speaker for u in utts})
     spk = SpeakerEncoder({"d": 128, "layers": 2, "n_speakers": len(speakers)})
     allm = torch.cat(mels)

@@ -2,9 +2,12 @@
 its audio.
 
     SpeechTokenizer  log-mel frames mean-pooled to 25 Hz -> nearest k-means centroid
-    Token2Mel        speech tokens -> log-mel (a small conv net); `mel_to_wav` adds
-                     Griffin-Lim. Together they are token2wav, the one place where a real
-                     codec (CosyVoice 2's flow matching + vocoder) would plug in.
+    SemanticTokenizer  a CTC recogniser's encoder states pooled to 25 Hz -> nearest
+                     centroid (CosyVoice's supervised semantic tokens, tiny)
+    Token2Mel        speech tokens (+ the prompt's voice, for semantic tokens) -> log-mel
+                     (a small conv net); `mel_to_wav` adds Griffin-Lim. Together they are
+                     token2wav, the one place where a real codec (CosyVoice 2's flow
+                     matching + vocoder) would plug in.
     TTSLM            a causal LM over text tokens + speech tokens, CosyVoice 2's layout:
                      [prompt text][text] <sos> [prompt speech] -> speech tokens ... <eos>
     CTCRecognizer    a character CTC recogniser: the reward ASR (T1) and, trained apart,
@@ -88,6 +91,9 @@ class SpeechTokenizer(nn.Module):
         """log-mel [T, 80] -> speech tokens [T // 4] in 0..K-1."""
         return nearest(self.pooled(mel), self.centroids)
 
+    def encode_batch(self, mels: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [self.encode(m) for m in mels]
+
     @classmethod
     def fit(cls, mels: list[torch.Tensor], n_tokens: int, max_frames: int = 200_000,
             seed: int = 0) -> SpeechTokenizer:
@@ -101,10 +107,64 @@ class SpeechTokenizer(nn.Module):
         return tok
 
 
+class SemanticTokenizer(nn.Module):
+    """Audio -> supervised semantic tokens, CosyVoice's idea at toy size: the encoder states
+    of a character CTC recogniser (20 ms), mean-pooled in pairs to 25 Hz, globally
+    normalised, nearest k-means centroid. Trained to carry the text, they carry little of
+    the voice, so the TTS LM models content and token2mel takes the voice from the prompt."""
+
+    def __init__(self, cfg: dict):
+        super().__init__()
+        self.cfg = cfg
+        self.asr = CTCRecognizer(cfg["asr"])
+        d = cfg["asr"]["d"]
+        self.register_buffer("centroids", torch.zeros(cfg["n_tokens"], d))
+        self.register_buffer("mean", torch.zeros(d))
+        self.register_buffer("std", torch.ones(d))
+
+    @torch.no_grad()
+    def pooled_batch(self, mels: list[torch.Tensor], batch_size: int = 64) -> list[torch.Tensor]:
+        """log-mel [T_i, 80] each -> un-normalised 25 Hz states [ceil(T_i / 2) // 2, d] each."""
+        self.asr.eval()
+        out: list[torch.Tensor] = [torch.zeros(0)] * len(mels)
+        order = sorted(range(len(mels)), key=lambda i: mels[i].shape[0])  # little padding
+        for s in range(0, len(order), batch_size):
+            idx = order[s : s + batch_size]
+            dev = self.centroids.device
+            x, lens = pad_batch([cmvn(mels[i].to(dev).float()) for i in idx])
+            h, hl = self.asr.encoder(x, lens.to(dev))  # [B, T/2, d]: 20 ms frames
+            for j, (i, n) in enumerate(zip(idx, hl.tolist(), strict=True)):
+                n2 = n // 2
+                out[i] = h[j, : 2 * n2].view(n2, 2, -1).mean(1)  # [n/2, d]: 40 ms, as TOKEN_HOP
+        return out
+
+    def encode_batch(self, mels: list[torch.Tensor]) -> list[torch.Tensor]:
+        """log-mel [T_i, 80] each -> speech tokens in 0..K-1 (about T_i / 4 each)."""
+        return [nearest((x - self.mean) / self.std, self.centroids) for x in self.pooled_batch(mels)]
+
+    def encode(self, mel: torch.Tensor) -> torch.Tensor:
+        return self.encode_batch([mel])[0]
+
+    @classmethod
+    def fit(cls, asr: CTCRecognizer, mels: list[torch.Tensor], n_tokens: int,
+            max_frames: int = 200_000, seed: int = 0) -> SemanticTokenizer:
+        tok = cls({"n_tokens": n_tokens, "asr": asr.cfg})
+        tok.asr.load_state_dict(asr.state_dict())
+        raw = torch.cat(tok.pooled_batch(mels))  # [N, d]
+        tok.mean, tok.std = raw.mean(0), raw.std(0) + 1e-5
+        x = (raw - tok.mean) / tok.std
+        x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:max_frames]]
+        tok.centroids = kmeans(x, n_tokens, seed=seed)
+        return tok
+
+
 # ---------------------------------------------------------------- token2wav
 class Token2Mel(nn.Module):
     """Speech tokens [B, n] -> log-mel [B, 4n, 80]: embedding, upsampling to 100 Hz with a
-    learned position-within-token, residual conv blocks, a linear read-out."""
+    learned position-within-token, residual conv blocks, a linear read-out. With
+    cfg["voice"] (semantic tokens, which carry little of the voice) it also reads a voice
+    reference, another utterance of the speaker: its normalised log-mel's mean and std
+    over time, projected and added at every frame."""
 
     def __init__(self, cfg: dict):
         super().__init__()
@@ -114,26 +174,41 @@ class Token2Mel(nn.Module):
         self.sub = nn.Embedding(TOKEN_HOP, d)  # which of the token's 4 frames
         self.blocks = nn.Sequential(*[ConvBlock(d, 5) for _ in range(cfg["blocks"])])
         self.out = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, N_MELS))
+        self.voice = nn.Linear(2 * N_MELS, d) if cfg.get("voice") else None
         self.register_buffer("mean", torch.zeros(N_MELS))
         self.register_buffer("std", torch.ones(N_MELS))
 
-    def forward(self, tokens: torch.Tensor, lens: torch.Tensor | None = None) -> torch.Tensor:
-        """Normalised log-mel [B, 4n, 80] (the training target space). With lens [B], the
-        padding never reaches real frames: a batch gives each item what it gets alone."""
+    def voice_of(self, mel: torch.Tensor) -> torch.Tensor:
+        """A voice reference's log-mel [T, 80] -> [160]: mean and std of its normalised frames."""
+        x = (mel.to(self.mean.device).float() - self.mean) / self.std
+        return torch.cat([x.mean(0), x.std(0)])
+
+    def forward(self, tokens: torch.Tensor, lens: torch.Tensor | None = None,
+                voice: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised log-mel [B, 4n, 80] (the training target space); voice [B, 160] from
+        voice_of. With lens [B], the padding never reaches real frames: a batch gives each
+        item what it gets alone."""
         x = self.emb(tokens).repeat_interleave(TOKEN_HOP, 1)  # [B, 4n, d]
         x = x + self.sub.weight.repeat(tokens.shape[1], 1)[None]
+        if self.voice is not None:
+            if voice is None:
+                raise ValueError("this token2mel reads a voice reference: pass voice (or voices to mel())")
+            x = x + self.voice(voice)[:, None]  # [B, 1, d]: the same at every frame
         keep = keep_mask(TOKEN_HOP * lens, x) if lens is not None else None  # [B, 4n, 1]
         for block in self.blocks:
             x = block(x, keep)
         return self.out(x)
 
     @torch.no_grad()
-    def mel(self, tokens: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Speech tokens (one tensor each, any lengths) -> log-mel [4 n_i, 80] each."""
+    def mel(self, tokens: list[torch.Tensor], voices: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Speech tokens (one tensor each, any lengths) -> log-mel [4 n_i, 80] each. voices:
+        a voice reference's log-mel per item (the prompt's), read only by a voice-conditioned
+        token2mel."""
         if not tokens:
             return []
         x, lens = pad_batch([t.to(self.mean.device) for t in tokens])
-        y = self(x, lens) * self.std + self.mean  # [B, 4n, 80]
+        v = torch.stack([self.voice_of(m) for m in voices]) if self.voice is not None and voices else None
+        y = self(x, lens, v) * self.std + self.mean  # [B, 4n, 80]
         return [y[i, : TOKEN_HOP * int(n)] for i, n in enumerate(lens)]
 
 
@@ -394,7 +469,8 @@ def load_module(path: str, device: str = "cpu") -> nn.Module:
         lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(lm_cfg.pop("model_type"), **lm_cfg))
         module: nn.Module = TTSLM(cfg, lm, AutoTokenizer.from_pretrained(os.path.join(path, "tokenizer")))
     else:
-        classes = {c.__name__: c for c in (SpeechTokenizer, Token2Mel, CTCRecognizer, SpeakerEncoder)}
+        classes = {c.__name__: c for c in (SpeechTokenizer, SemanticTokenizer, Token2Mel, CTCRecognizer,
+                                           SpeakerEncoder)}
         module = classes[kind](cfg)
     missing, unexpected = module.load_state_dict(load_file(os.path.join(path, WEIGHTS_NAME)),
                                                  strict=False)

@@ -243,3 +243,21 @@ def test_nan_reward_is_named_counted_and_the_run_goes_on(world, tmp_path, monkey
     assert any("manifest.jsonl:" in r.getMessage() and "non-finite" in r.getMessage() for r in caplog.records)
     rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
     assert len(rows) == 2 and all(math.isfinite(r["loss"]) and math.isfinite(r["reward"]) for r in rows)
+
+
+def test_semantic_token_world_end_to_end(tmp_path, monkeypatch):
+    """--tokens semantic: the tokenizer stage trains a recogniser and clusters its states,
+    token2mel reads the prompt's voice, and grpo_tts runs a step and evaluates on that world."""
+    monkeypatch.setenv("SPEECHRL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(sft_tts, "TTS_SIZES", TINY)
+    a = sft_tts.Args(tokens="semantic", n_tokens=16, t2m_d=32, t2m_blocks=1, lm_d=32, lm_layers=1,
+                     eval_every=5, batch_size=8, judge_batch=8, max_steps=5)
+    w = sft_tts.build_tts_world(a)
+    assert "semantic" not in w["tokenizer"] and w["tokenizer"] != sft_tts.build_tts_world(
+        dataclasses.replace(a, tokens="mel"), upto="tokenizer")["tokenizer"]  # its own cache key
+    done = json.load(open(os.path.join(os.path.dirname(w["tokens"]), "done.json")))
+    assert done["report"]["asr"]["steps"] == 5 and done["report"]["codes_used"] > 1
+    assert os.path.isfile(os.path.join(os.path.dirname(w["tokens"]), "asr", "model.safetensors"))
+    s = g.main(_args(w, tmp_path / "run", steps=1, audio_every=10))
+    assert s["steps"] == 1 and set(s["after"]) == {"test-seen", "test-unseen"}
+    assert 0.0 <= s["resynth_cer"]["test-seen"]

@@ -1,5 +1,6 @@
 """common/tts.py: the speech tokenizer, token2wav, the judges, the TTS LM layout and the
 checkpoints of every TTS module."""
+import pytest
 import torch
 
 from common.audio import log_mel
@@ -8,6 +9,7 @@ from common.tts import (
     CHARS,
     TOKEN_HOP,
     CTCRecognizer,
+    SemanticTokenizer,
     SpeakerEncoder,
     SpeechTokenizer,
     Token2Mel,
@@ -40,6 +42,46 @@ def test_tokenizer_shapes_and_determinism(tmp_path):
     save_module(tok, str(tmp_path / "tok"))
     assert torch.equal(load_module(str(tmp_path / "tok")).encode(mels[2]), tok.encode(mels[2]))
     assert torch.equal(SpeechTokenizer.fit(mels, 16).centroids, tok.centroids)  # seeded
+
+
+def test_semantic_tokenizer_shapes_batching_and_determinism(tmp_path):
+    """Tokens from a CTC recogniser's states: 20 ms frames pooled in pairs (about T / 4
+    tokens), the same alone as in a padded batch, saved and loaded with the recogniser."""
+    torch.manual_seed(0)
+    asr = CTCRecognizer({"d": 32, "layers": 1, "conv_blocks": 1})
+    g = torch.Generator().manual_seed(0)
+    mels = [torch.randn(n, 80, generator=g) for n in (41, 80, 123)]
+    tok = SemanticTokenizer.fit(asr, mels, 8)
+    assert torch.equal(tok.asr.head.weight, asr.head.weight)  # a copy of the recogniser
+    batch = tok.encode_batch(mels)
+    assert [len(t) for t in batch] == [(n + 1) // 2 // 2 for n in (41, 80, 123)]  # ceil(T/2) // 2
+    assert all(t.dtype == torch.long and 0 <= int(t.min()) and int(t.max()) < 8 for t in batch)
+    for m, t in zip(mels, batch, strict=True):
+        assert torch.equal(tok.encode(m), t)  # padding does not leak
+    assert len({int(c) for t in batch for c in t}) > 1
+    save_module(tok, str(tmp_path / "sem"))
+    assert torch.equal(load_module(str(tmp_path / "sem")).encode(mels[2]), batch[2])
+    assert torch.equal(SemanticTokenizer.fit(asr, mels, 8).centroids, tok.centroids)  # seeded
+
+
+def test_token2mel_reads_the_voice_reference(tmp_path):
+    """A voice-conditioned token2mel needs a voice, and its output follows it; the same
+    voice gives the same mel alone and in a batch."""
+    torch.manual_seed(0)
+    net = Token2Mel({"n_tokens": 16, "d": 32, "blocks": 2, "voice": True}).eval()
+    toks = [torch.randint(16, (n,)) for n in (5, 9)]
+    a, b = torch.randn(30, 80), torch.randn(50, 80) + 2.0
+    with pytest.raises(ValueError, match="voice"):
+        net.mel(toks)
+    va = net.voice_of(a)
+    assert va.shape == (160,)
+    torch.testing.assert_close(va[:80], a.mean(0))  # mean and std 0 and 1 before training
+    torch.testing.assert_close(va[80:], a.std(0))
+    ya, yb = net.mel(toks, [a, a]), net.mel(toks, [a, b])
+    assert torch.equal(ya[0], yb[0]) and not torch.allclose(ya[1], yb[1])
+    torch.testing.assert_close(net.mel(toks[1:], [b])[0], yb[1], atol=1e-5, rtol=1e-5)
+    save_module(net, str(tmp_path / "t2m"))
+    assert torch.equal(load_module(str(tmp_path / "t2m")).mel(toks, [a, b])[1], yb[1])
 
 
 def test_token2wav_shapes_and_determinism(tmp_path):

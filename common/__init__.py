@@ -21,9 +21,18 @@ def _field_docs(cls) -> dict[str, str]:
     return docs
 
 
+def _bool(s: str) -> bool:
+    if s.lower() in ("1", "true", "yes", "y"):
+        return True
+    if s.lower() in ("0", "false", "no", "n"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, not {s!r}")
+
+
 def parse_args(cls, argv: list[str] | None = None):
     """Command-line flags from an Args dataclass, its field docstrings as help.
-    list fields repeat (--test_data a --test_data b); bool fields take true/false."""
+    list fields repeat (--test_data a --test_data b); bool fields take true/false, and a
+    bare bool flag (--eval_only) means true."""
     hints, docs = typing.get_type_hints(cls), _field_docs(cls)
     p = argparse.ArgumentParser(description=(cls.__doc__ or "").strip().splitlines()[0])
     for f in dataclasses.fields(cls):
@@ -34,7 +43,7 @@ def parse_args(cls, argv: list[str] | None = None):
         if typing.get_origin(t) is list:
             kw.update(action="append", type=targs[0], default=None)
         elif t is bool:
-            kw.update(type=lambda s: s.lower() in ("1", "true", "yes", "y"), metavar="BOOL")
+            kw.update(type=_bool, nargs="?", const=True, metavar="BOOL")
         else:
             kw["type"] = targs[0] if targs else t
         p.add_argument(f"--{f.name}", **kw)

@@ -11,6 +11,7 @@ advantages -> clipped surrogate with a k3 KL to the SFT reference -> one AdamW u
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import random
@@ -21,11 +22,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm import tqdm
 
-from common import parse_args, peak_mem_mb, plot_curves
+from common import cached_json, parse_args, peak_mem_mb, plot_curves, stamp
 from common.audio import f0, load_audio, log_mel, write_wav
 from common.data import Skips, Utt, corpus_error, error_rate, read_data, set_name
 from common.logprob import token_logprobs
 from common.models import sample
+from common.toy import cache_root
 from common.tts import (
     TTSLM,
     SemanticTokenizer,
@@ -131,6 +133,9 @@ class Args:
     """bf16 autocast for the policy and the judges on CUDA"""
     resume: bool = True
     """continue from out_dir/last (saved at every dev evaluation) if it exists"""
+
+
+EVAL_VERSION = 1  # bumped when evaluate / resynth_cer / sampling_report change: old cached figures go stale
 
 
 # ------------------------------------------------------------------ conditions
@@ -474,13 +479,23 @@ def main(a: Args) -> dict:
     dev = conditions(a.dev_data, lm, judges["tok"], skips, a)
     fixed = dev[: a.n_audio]  # the fixed texts a user listens to
     evaluate(lm, fixed, judges, a, os.path.join(a.out_dir, "audio", "step_0000"))
+    # The SFT start's figures depend only on the checkpoints, the manifests and the decoding
+    # settings, so they are computed once and shared by every seed, ablation and resume.
+    parts = [a.init, a.tokenizer, a.token2mel, a.reward_asr, a.eval_asr, a.speaker_model]
+    key = json.dumps({"files": [stamp(p) for p in [*parts, a.dev_data, *a.test_data]],
+                      "prompt": [a.prompt_audio, a.prompt_text], "settings": [
+                          a.max_new_tokens, a.eval_temperature, a.top_k, a.top_p, a.reward_on, a.device,
+                          a.bf16, a.seed if a.eval_temperature > 0 else None], "code": EVAL_VERSION})
+    cache = os.path.join(cache_root(), "tts-eval", hashlib.sha1(key.encode()).hexdigest()[:16])
     sets = ", ".join(f"{n} ({len(c)} texts)" for n, c in tests.items())
     print(f"before RL: judging the SFT start on {sets}, the resynthesis floor and sampling on dev "
-          f"({len(dev)} texts x 8); this takes a few minutes")
-    before = {name: evaluate(lm, c, judges, a) for name, c in tests.items()}
-    floor = {name: resynth_cer(c, judges) for name, c in tests.items()}
-    room = sampling_report(lm, dev, judges, a)
-    dev_log = [{"step": 0, **evaluate(lm, dev, judges, a)}]
+          f"({len(dev)} texts x 8), or reading them from {cache}-*.json")
+    pre, _ = cached_json(cache + "-start.json", lambda: {
+        "before": {name: evaluate(lm, c, judges, a) for name, c in tests.items()},
+        "floor": {name: resynth_cer(c, judges) for name, c in tests.items()},
+        "dev": evaluate(lm, dev, judges, a)})
+    room, _ = cached_json(f"{cache}-sampling-s{a.seed}.json", lambda: sampling_report(lm, dev, judges, a))
+    before, floor, dev_log = pre["before"], pre["floor"], [{"step": 0, **pre["dev"]}]
     best_cer = dev_log[0]["cer"]
     print(f"before RL: dev CER {best_cer:.4f}; sampling on dev: {room}")
     state_path = os.path.join(a.out_dir, "last", "train_state.pt")

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import json
+import os
 import re
 import typing
 
@@ -82,3 +84,28 @@ def plot_curves(path: str, panels: list[tuple[str, str, list, list]]) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def stamp(path: str) -> list:
+    """(name, size, mtime) of a file, or of every file in a folder (a checkpoint): a cheap
+    identity for cache keys that changes whenever the file is rewritten."""
+    files = sorted(os.listdir(path)) if os.path.isdir(path) else [""]
+    out = []
+    for name in files:
+        st = os.stat(os.path.join(path, name) if name else path)
+        out.append([os.path.abspath(path), name, st.st_size, st.st_mtime_ns])
+    return out
+
+
+def cached_json(path: str, compute) -> tuple[dict, bool]:
+    """compute()'s JSON result, read from `path` if it is there, else computed and written
+    atomically. Returns (result, whether it came from the file)."""
+    if os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f), True
+    out = compute()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(out, f)
+    os.replace(path + ".tmp", path)
+    return out, False

@@ -22,6 +22,12 @@ def A(**kw):
     return g.Args(**kw)
 
 
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    """Each test its own $SPEECHRL_CACHE, so the SFT start's cached figures never leak across."""
+    monkeypatch.setenv("SPEECHRL_CACHE", str(tmp_path / "cache"))
+
+
 # ------------------------------------------------------------------ rewards (SPEC §3)
 def test_accuracy_reward_is_clipped_cer():
     assert g.reward_accuracy("abcd", "abxd") == pytest.approx(0.75)  # 1 sub over 4 characters
@@ -253,7 +259,7 @@ def test_semantic_token_world_end_to_end(tmp_path, monkeypatch):
     a = sft_tts.Args(tokens="semantic", n_tokens=16, t2m_d=32, t2m_blocks=1, lm_d=32, lm_layers=1,
                      eval_every=5, batch_size=8, judge_batch=8, max_steps=5)
     w = sft_tts.build_tts_world(a)
-    assert "semantic" not in w["tokenizer"] and w["tokenizer"] != sft_tts.build_tts_world(
+    assert w["tokenizer"] != sft_tts.build_tts_world(
         dataclasses.replace(a, tokens="mel"), upto="tokenizer")["tokenizer"]  # its own cache key
     done = json.load(open(os.path.join(os.path.dirname(w["tokens"]), "done.json")))
     assert done["report"]["asr"]["steps"] == 5 and done["report"]["codes_used"] > 1
@@ -261,3 +267,20 @@ def test_semantic_token_world_end_to_end(tmp_path, monkeypatch):
     s = g.main(_args(w, tmp_path / "run", steps=1, audio_every=10))
     assert s["steps"] == 1 and set(s["after"]) == {"test-seen", "test-unseen"}
     assert 0.0 <= s["resynth_cer"]["test-seen"]
+
+
+def test_the_sft_start_is_judged_once_for_every_seed_and_run(world, tmp_path, monkeypatch):
+    """A second run from the same start (another seed, another out_dir) reads the before /
+    floor / dev figures instead of recomputing them; another checkpoint gets its own."""
+    s0 = g.main(_args(world, tmp_path / "a", steps=1, audio_every=10))
+    calls = {"n": 0}
+    real = g.resynth_cer
+
+    def counted(*args):
+        calls["n"] += 1
+        return real(*args)
+    monkeypatch.setattr(g, "resynth_cer", counted)
+    s1 = g.main(_args(world, tmp_path / "b", steps=1, audio_every=10, seed=1))
+    assert calls["n"] == 0 and s1["before"] == s0["before"] and s1["resynth_cer"] == s0["resynth_cer"]
+    g.main(_args(world, tmp_path / "c", steps=1, audio_every=10, init=str(tmp_path / "a" / "last")))
+    assert calls["n"] == 2  # a new checkpoint: test-seen and test-unseen floors computed again

@@ -135,9 +135,6 @@ class Args:
     """continue from out_dir/last (saved at every dev evaluation) if it exists"""
 
 
-EVAL_VERSION = 1  # bumped when evaluate / resynth_cer / sampling_report change: old cached figures go stale
-
-
 # ------------------------------------------------------------------ conditions
 @dataclass
 class Cond:
@@ -479,13 +476,17 @@ def main(a: Args) -> dict:
     dev = conditions(a.dev_data, lm, judges["tok"], skips, a)
     fixed = dev[: a.n_audio]  # the fixed texts a user listens to
     evaluate(lm, fixed, judges, a, os.path.join(a.out_dir, "audio", "step_0000"))
-    # The SFT start's figures depend only on the checkpoints, the manifests and the decoding
-    # settings, so they are computed once and shared by every seed, ablation and resume.
+    # The SFT start's figures depend only on the checkpoints, the manifests, the decoding
+    # settings and the code that judges, so they are computed once and shared by every seed,
+    # ablation and resume from the same start.
     parts = [a.init, a.tokenizer, a.token2mel, a.reward_asr, a.eval_asr, a.speaker_model]
+    code = [__file__, *(os.path.join(os.path.dirname(os.path.abspath(__file__)), "common", f"{m}.py")
+                        for m in ("tts", "models", "data", "audio"))]
     key = json.dumps({"files": [stamp(p) for p in [*parts, a.dev_data, *a.test_data]],
-                      "prompt": [a.prompt_audio, a.prompt_text], "settings": [
-                          a.max_new_tokens, a.eval_temperature, a.top_k, a.top_p, a.reward_on, a.device,
-                          a.bf16, a.seed if a.eval_temperature > 0 else None], "code": EVAL_VERSION})
+                      "prompt": [stamp(a.prompt_audio) if a.prompt_audio else "", a.prompt_text],
+                      "settings": [a.max_new_tokens, a.eval_temperature, a.top_k, a.top_p, a.reward_on,
+                                   a.device, a.bf16, a.seed if a.eval_temperature > 0 else None],
+                      "code": [hashlib.sha1(open(f, "rb").read()).hexdigest() for f in code]})
     cache = os.path.join(cache_root(), "tts-eval", hashlib.sha1(key.encode()).hexdigest()[:16])
     sets = ", ".join(f"{n} ({len(c)} texts)" for n, c in tests.items())
     print(f"before RL: judging the SFT start on {sets}, the resynthesis floor and sampling on dev "

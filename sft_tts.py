@@ -116,7 +116,7 @@ def cached(a: Args, world: str, stage: str) -> str:
     if a.max_steps:
         cfg["max_steps"] = a.max_steps
     if a.tokens != "mel":  # mel tokens add nothing, so the hashes of mel worlds hold
-        cfg |= {"tokens": a.tokens, "tok_asr_minutes": a.tok_asr_minutes}
+        cfg |= {"tokens": a.tokens, "tok_asr_minutes": a.tok_asr_minutes, "judge_batch": a.judge_batch}
     # a stage whose code changed gets a new folder; version 1 adds nothing, so old hashes hold
     cfg |= {f"v_{s}": STAGE_VERSIONS[s] for s in upto if STAGE_VERSIONS[s] > 1}
     h = hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:8]
@@ -172,9 +172,10 @@ def peers(utts) -> list[list[int]]:
 
 
 def train_ctc(name: str, cfg: dict, data: list, dev: list, minutes: float, seed: int, a: Args,
-              path: str, rng: random.Random) -> tuple[CTCRecognizer, dict]:
+              path: str, rng: random.Random) -> dict:
     """A character CTC recogniser on (log-mel, utterance) pairs, batches drawn with rng;
-    dev = a list of (log-mels, utterances) sets whose CERs are averaged."""
+    dev = a list of (log-mels, utterances) sets whose CERs are averaged. The best dev
+    checkpoint is saved at `path`; returns the training report."""
     torch.manual_seed(a.seed + seed)
     asr = CTCRecognizer(cfg)
 
@@ -189,19 +190,18 @@ def train_ctc(name: str, cfg: dict, data: list, dev: list, minutes: float, seed:
         return sum(corpus_error([u.text for u in us], asr.transcribe(ms), "char")["wer"]
                    for ms, us in dev) / len(dev)
 
-    rep = train_until_plateau(name, asr.parameters(), step_fn, dev_fn, minutes, a, 1e-3,
-                              lambda: save_module(asr, path))
-    return load_module(path), rep
+    return train_until_plateau(name, asr.parameters(), step_fn, dev_fn, minutes, a, 1e-3,
+                               lambda: save_module(asr, path))
 
 
 def build_tokenizer(a, out, splits):
     rep = {}
     if a.tokens == "semantic":  # CosyVoice's supervised semantic tokens: an ASR's states, clustered
         (utts, mels), (dev_u, dev_m) = splits["train"], splits["dev"]
-        asr, rep["asr"] = train_ctc("tokenizer_asr", {"d": 128, "layers": 3, "conv_blocks": 2},
-                                    list(zip(mels, utts, strict=True)), [(dev_m, dev_u)],
-                                    a.tok_asr_minutes, 3, a, os.path.join(out, "asr"),
-                                    random.Random(a.seed + 3))
+        rep["asr"] = train_ctc("tokenizer_asr", {"d": 128, "layers": 3, "conv_blocks": 2},
+                               list(zip(mels, utts, strict=True)), [(dev_m, dev_u)], a.tok_asr_minutes, 3,
+                               a, os.path.join(out, "asr"), random.Random(a.seed + 3))
+        asr = load_module(os.path.join(out, "asr"))  # its best dev checkpoint
         tok: torch.nn.Module = SemanticTokenizer.fit(asr, mels, a.n_tokens, seed=a.seed)
     elif a.tokens == "mel":
         tok = SpeechTokenizer.fit(splits["train"][1], a.n_tokens, seed=a.seed)
@@ -282,7 +282,7 @@ def build_judges(a, out, splits, tokens, t2m):
                                      ("eval_asr", {"d": 128, "layers": 3, "conv_blocks": 2},
                                       0.75 * a.judge_minutes, 2)):
         report[name] = train_ctc(name, cfg, data, [(dev_m, dev_u), (dev_fake, dev_u)], minutes, seed, a,
-                                 os.path.join(out, name), rng)[1]
+                                 os.path.join(out, name), rng)
     speakers = sorted({u.speaker for u in utts})
     spk = SpeakerEncoder({"d": 128, "layers": 2, "n_speakers": len(speakers)})
     allm = torch.cat(mels)

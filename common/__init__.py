@@ -105,7 +105,8 @@ def cached_json(path: str, compute) -> tuple[dict, bool]:
             return json.load(f), True
     out = compute()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path + ".tmp", "w") as f:
+    tmp = f"{path}.{os.getpid()}.tmp"  # runs side by side may compute the same figures
+    with open(tmp, "w") as f:
         json.dump(out, f)
-    os.replace(path + ".tmp", path)
+    os.replace(tmp, path)
     return out, False

@@ -67,6 +67,8 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0) -> torch.Ten
 def nearest(x: torch.Tensor, c: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
     """Index of the nearest centroid for every row of x [N, D] -> [N]."""
     c2 = (c * c).sum(1)
+    if len(x) == 0:
+        return torch.zeros(0, dtype=torch.long, device=x.device)
     return torch.cat([(c2 - 2 * x[i : i + chunk] @ c.T).argmin(1) for i in range(0, len(x), chunk)])
 
 
@@ -135,7 +137,7 @@ class SemanticTokenizer(nn.Module):
             h, hl = self.asr.encoder(x, lens.to(dev))  # [B, T/2, d]: 20 ms frames
             for j, (i, n) in enumerate(zip(idx, hl.tolist(), strict=True)):
                 n2 = n // 2
-                out[i] = h[j, : 2 * n2].view(n2, 2, -1).mean(1)  # [n/2, d]: 40 ms, as TOKEN_HOP
+                out[i] = h[j, : 2 * n2].view(n2, 2, h.shape[-1]).mean(1)  # [n/2, d]: 40 ms, as TOKEN_HOP
         return out
 
     def encode_batch(self, mels: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -206,6 +208,8 @@ class Token2Mel(nn.Module):
         token2mel."""
         if not tokens:
             return []
+        if self.voice is not None and voices and len(voices) != len(tokens):
+            raise ValueError(f"{len(tokens)} token sequences but {len(voices)} voice references")
         x, lens = pad_batch([t.to(self.mean.device) for t in tokens])
         v = torch.stack([self.voice_of(m) for m in voices]) if self.voice is not None and voices else None
         y = self(x, lens, v) * self.std + self.mean  # [B, 4n, 80]

@@ -59,6 +59,8 @@ def test_semantic_tokenizer_shapes_batching_and_determinism(tmp_path):
     for m, t in zip(mels, batch, strict=True):
         assert torch.equal(tok.encode(m), t)  # padding does not leak
     assert len({int(c) for t in batch for c in t}) > 1
+    assert tok.encode(torch.randn(3, 80, generator=g)).shape == (1,)  # 2 frames at 20 ms
+    assert tok.encode(torch.randn(2, 80, generator=g)).shape == (0,)  # too short for a token
     save_module(tok, str(tmp_path / "sem"))
     assert torch.equal(load_module(str(tmp_path / "sem")).encode(mels[2]), batch[2])
     assert torch.equal(SemanticTokenizer.fit(asr, mels, 8).centroids, tok.centroids)  # seeded
@@ -73,6 +75,8 @@ def test_token2mel_reads_the_voice_reference(tmp_path):
     a, b = torch.randn(30, 80), torch.randn(50, 80) + 2.0
     with pytest.raises(ValueError, match="voice"):
         net.mel(toks)
+    with pytest.raises(ValueError, match="2 token sequences but 1 voice"):
+        net.mel(toks, [a])
     va = net.voice_of(a)
     assert va.shape == (160,)
     torch.testing.assert_close(va[:80], a.mean(0))  # mean and std 0 and 1 before training

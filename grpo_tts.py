@@ -491,11 +491,11 @@ def main(a: Args) -> dict:
     sets = ", ".join(f"{n} ({len(c)} texts)" for n, c in tests.items())
     print(f"before RL: judging the SFT start on {sets}, the resynthesis floor and sampling on dev "
           f"({len(dev)} texts x 8), or reading them from {cache}-*.json")
-    pre, _ = cached_json(cache + "-start.json", lambda: {
+    pre = cached_json(cache + "-start.json", lambda: {
         "before": {name: evaluate(lm, c, judges, a) for name, c in tests.items()},
         "floor": {name: resynth_cer(c, judges) for name, c in tests.items()},
         "dev": evaluate(lm, dev, judges, a)})
-    room, _ = cached_json(f"{cache}-sampling-s{a.seed}.json", lambda: sampling_report(lm, dev, judges, a))
+    room = cached_json(f"{cache}-sampling-s{a.seed}.json", lambda: sampling_report(lm, dev, judges, a))
     before, floor, dev_log = pre["before"], pre["floor"], [{"step": 0, **pre["dev"]}]
     best_cer = dev_log[0]["cer"]
     print(f"before RL: dev CER {best_cer:.4f}; sampling on dev: {room}")

@@ -97,16 +97,16 @@ def stamp(path: str) -> list:
     return out
 
 
-def cached_json(path: str, compute) -> tuple[dict, bool]:
+def cached_json(path: str, compute) -> dict:
     """compute()'s JSON result, read from `path` if it is there, else computed and written
-    atomically. Returns (result, whether it came from the file)."""
+    atomically."""
     if os.path.isfile(path):
         with open(path) as f:
-            return json.load(f), True
+            return json.load(f)
     out = compute()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"  # runs side by side may compute the same figures
     with open(tmp, "w") as f:
         json.dump(out, f)
     os.replace(tmp, path)
-    return out, False
+    return out

@@ -10,6 +10,10 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 echo "== kernel parity on CUDA (eager and compiled, fp32 and bf16)"
 timeout 240 python bench/kernel_check.py
+echo "== sampler: the CUDA-graph decode step against eager and HF generate"
+timeout 120 python bench/sampler_check.py
+echo "== rollout benchmark, B=128, 64-token prompts, 128 new tokens (eager, dynamic, CUDA graph, HF)"
+timeout 300 python bench/rollout.py --new 128 --reps 1
 echo "== log-prob benchmark, N=16384 V=151936 d=896 bf16"
 timeout 300 python bench/logprob.py
 W=$(ls -d "$SPEECHRL_CACHE"/toy-*)

@@ -9,7 +9,8 @@ Qwen2.5-0.5B (hidden 896, 24 layers, V = 151,936). Prompts are left-padded input
 embeddings, as the scripts use them; sampling at T = 1 with no top-k/top-p; no token
 ends a sequence early, so both produce B x new tokens. A third column ("dyn.") runs our
 loop on the model's own forward and growing cache (`static_cache=False`), to show what the
-static cache changes. The last line is one JSON object.
+static cache changes. On CUDA a fourth ("graph") replays each decode step as a CUDA graph
+(`cuda_graph=True`). The last line is one JSON object.
 """
 from __future__ import annotations
 
@@ -64,11 +65,19 @@ def bench(name: str, b: int, prompt: int, new: int, device: str, dtype: torch.dt
         lm.generate(inputs_embeds=emb, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
                     do_sample=True, temperature=1.0, top_k=0, top_p=1.0, eos_token_id=None, pad_token_id=0)
 
+    def ours_graph():  # each decode step replayed as a CUDA graph
+        sample(lm, emb, mask, new, eos_id=never, temperature=1.0, cuda_graph=True)
+
     with torch.no_grad():
         t_ours, t_dyn = timed(ours, device, reps), timed(ours_dynamic, device, reps)
+        t_graph = timed(ours_graph, device, reps) if device == "cuda" else None
         t_hf = timed(hf, device, reps)
     toks = b * new
-    return {"shape": name, "b": b, "prompt": prompt, "new": new, "ours_s": round(t_ours, 4),
+    graph = {} if t_graph is None else {
+        "graph_s": round(t_graph, 4), "graph_tok_s": round(toks / t_graph, 1),
+        "graph_step_ms": round(1e3 * t_graph / new, 3), "hf_step_ms": round(1e3 * t_hf / new, 3),
+        "speedup_graph": round(t_hf / t_graph, 3)}
+    return {**graph, "shape": name, "b": b, "prompt": prompt, "new": new, "ours_s": round(t_ours, 4),
             "dynamic_s": round(t_dyn, 4), "hf_s": round(t_hf, 4), "tok_s": round(toks / t_ours, 1),
             "hf_tok_s": round(toks / t_hf, 1), "speedup": round(t_hf / t_ours, 3),
             "speedup_vs_dynamic": round(t_dyn / t_ours, 3)}
@@ -96,6 +105,11 @@ def main() -> None:
         print(f"{r['shape']:14s} {r['b']:4d} {r['prompt']:6d} {r['new']:4d} {r['ours_s']:8.3f} "
               f"{r['dynamic_s']:8.3f} {r['hf_s']:8.3f} {r['tok_s']:11.1f} {r['hf_tok_s']:9.1f} "
               f"{r['speedup']:8.3f}")
+    for r in rows:
+        if "graph_s" in r:
+            print(f"{r['shape']:14s} CUDA graph: {r['graph_s']:.3f} s, {r['graph_tok_s']:.1f} tok/s, "
+                  f"{r['graph_step_ms']:.2f} ms a step (HF {r['hf_step_ms']:.2f}), "
+                  f"speedup {r['speedup_graph']:.3f}")
     main_row = rows[-1]
     print(json.dumps({"device": where, "speedup": main_row["speedup"], "tok_s": main_row["tok_s"],
                       "hf_tok_s": main_row["hf_tok_s"], "rows": rows}))

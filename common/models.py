@@ -443,17 +443,20 @@ def static_cache_decoder(lm: nn.Module) -> nn.Module | None:
     return m
 
 
-def _decode(m: nn.Module, x: torch.Tensor, pos: torch.Tensor, cache: list, at: int,
+def _decode(m: nn.Module, x: torch.Tensor, pos: torch.Tensor, cache: list, at: int | torch.Tensor,
             see: torch.Tensor) -> torch.Tensor:
     """The decoder over x [N, T, d] at positions pos [N, T]. Each layer writes its keys and
     values into its pre-allocated cache [N, H_kv, S, hd] at slots at..at+T-1 (in place: no
     torch.cat of a growing cache per step) and attends over slots 0..at+T-1, `see`
-    [N, T, at+T] saying which of them each query may use. Returns the final-norm hidden
-    states [N, T, d]."""
+    [N, T, at+T] saying which of them each query may use. With `at` a one-element tensor
+    (a decode step at fixed shapes, for CUDA graphs) the slot is written by index_copy_ and
+    attention reads the whole buffer, `see` [N, 1, S] hiding the slots not yet written.
+    Returns the final-norm hidden states [N, T, d]."""
     from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb  # Llama's and Qwen3's too
 
     n, t, _ = x.shape
-    end = at + t
+    fixed = isinstance(at, torch.Tensor)
+    end = None if fixed else at + t
     cos, sin = m.rotary_emb(x, pos)  # [N, T, hd] each
     for layer, (k_cache, v_cache) in zip(m.layers, cache, strict=True):
         att = layer.self_attn
@@ -464,10 +467,13 @@ def _decode(m: nn.Module, x: torch.Tensor, pos: torch.Tensor, cache: list, at: i
         if hasattr(att, "q_norm"):  # Qwen3: per-head norms before the rotation
             q, k = att.q_norm(q), att.k_norm(k)
         q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # [N, H(_kv), T, hd]
-        q = q.to(k_cache.dtype)
-        k_cache[:, :, at:end] = k
-        v_cache[:, :, at:end] = att.v_proj(h).view(n, t, -1, hd).transpose(1, 2)
-        keys, values = k_cache[:, :, :end], v_cache[:, :, :end]  # [N, H_kv, end, hd]
+        q, v = q.to(k_cache.dtype), att.v_proj(h).view(n, t, -1, hd).transpose(1, 2)
+        if fixed:  # the same shapes and addresses at every step
+            k_cache.index_copy_(2, at, k.to(k_cache.dtype))
+            v_cache.index_copy_(2, at, v.to(v_cache.dtype))
+        else:
+            k_cache[:, :, at:end], v_cache[:, :, at:end] = k, v
+        keys, values = k_cache[:, :, :end], v_cache[:, :, :end]  # [N, H_kv, end or S, hd]
         rep = q.shape[1] // keys.shape[1]  # query heads per key/value head (GQA)
         if t == 1:  # decode: a KV head's `rep` query heads become its query rows (no copy
             # of the cache, and a kernel that takes a mask, unlike SDPA's enable_gqa on CUDA)
@@ -483,11 +489,60 @@ def _decode(m: nn.Module, x: torch.Tensor, pos: torch.Tensor, cache: list, at: i
     return m.norm(x)
 
 
+def _graph_step(m: nn.Module, w: torch.Tensor, b: torch.Tensor | None, cache: list, real: torch.Tensor,
+                first_slot: int):
+    """A decode step whose tensors keep their shapes and addresses from step to step, as a
+    CUDA graph needs: the token, position and slot are copied into static buffers, and
+    attention reads the whole cache with `real & (slot index <= slot)` as its mask. On CUDA
+    the step is captured once as a graph and replayed: one launch per step instead of a few
+    per layer, which is where a small model's decode time goes. Elsewhere the same step runs
+    eagerly (the tests check it against the other path on CPU). Returns step(tok [N],
+    pos [N, 1], slot) -> logits [N, V']."""
+    n, s = real.shape
+    dev = real.device
+    tok = torch.zeros(n, dtype=torch.long, device=dev)
+    pos = torch.zeros(n, 1, dtype=torch.long, device=dev)
+    slot = torch.full((1,), first_slot, dtype=torch.long, device=dev)
+    idx = torch.arange(s, device=dev)
+
+    def run() -> torch.Tensor:
+        see = (real & (idx <= slot))[:, None]  # [N, 1, S]
+        h = _decode(m, m.embed_tokens(tok[:, None]), pos, cache, slot, see)[:, -1]  # [N, d]
+        return F.linear(h.to(w.dtype), w, b)  # [N, V']
+
+    graph, out = None, None
+    if dev.type == "cuda":
+        # warm up on a side stream (lazy inits must not happen during capture); this writes
+        # junk into slot first_slot, which the first real step overwrites. Autocast's weight
+        # cache must be off inside a graph.
+        amp = dict(device_type="cuda", enabled=torch.is_autocast_enabled("cuda"),
+                   dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side), torch.autocast(**amp):
+            run()
+        torch.cuda.current_stream(dev).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), torch.autocast(**amp):
+            out = run()
+
+    def step(t_tok: torch.Tensor, t_pos: torch.Tensor, at: int) -> torch.Tensor:
+        tok.copy_(t_tok)
+        pos.copy_(t_pos)
+        slot.fill_(at)
+        if graph is None:
+            return run()
+        graph.replay()
+        return out.clone()  # the graph's output buffer is overwritten by the next replay
+
+    return step
+
+
 @torch.no_grad()
 def sample(lm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
            max_new_tokens: int, eos_id: int, pad_id: int = 0, temperature: float = 1.0,
            top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None,
-           vocab: tuple[int, int] | None = None, static_cache: bool = True):
+           vocab: tuple[int, int] | None = None, static_cache: bool = True, cuda_graph: bool = False):
     """Batched autoregressive sampling from left-padded prompt embeddings [N, P, d].
     `vocab=(lo, hi)` samples only ids lo..hi-1, renormalised over them (the TTS LM emits
     speech tokens and eos, never text); only those rows of the output head are computed.
@@ -495,7 +550,8 @@ def sample(lm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Ten
     With `static_cache` (and a model `static_cache_decoder` accepts) the keys and values of
     all P + max_new_tokens positions live in one pre-allocated buffer per layer, written in
     place; otherwise the model's own forward and growing cache are used (the reference the
-    tests compare against).
+    tests compare against). `cuda_graph` (static cache only) replays each decode step as a
+    CUDA graph (`_graph_step`); off by default until it has been measured on a GPU.
 
     Returns tokens [N, L] (pad after eos), lengths [N] (eos included; max_new_tokens if
     no eos came), and the sampled tokens' log-probs [N, L] (0 where padded)."""
@@ -521,12 +577,14 @@ def sample(lm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Ten
         see[:, torch.arange(p), torch.arange(p)] = True
         h = _decode(m, inputs_embeds, pos, cache, 0, see)[:, -1]  # [N, d]
         logits = F.linear(h.to(w.dtype), w, b)  # [N, V']
+        step = _graph_step(m, w, b, cache, real, p) if cuda_graph and max_new_tokens > 1 else None
     else:
         # transformers >= 5.2x renamed the cache argument; older 5.x only knows past_key_values
         cache_kw = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
         out = lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=pos,
                  use_cache=True, logits_to_keep=1)
         cache, logits = out.past_key_values, out.logits[:, -1, lo:hi]  # [N, V']
+        step = None
     next_pos = pos[:, -1:] + 1  # [N, 1]
     tokens, logps = [], []
     done = torch.zeros(n, dtype=torch.bool, device=dev)
@@ -540,7 +598,9 @@ def sample(lm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Ten
         done = done | (tok == eos_id)
         if bool(done.all()) or t == max_new_tokens - 1:
             break
-        if m is not None:
+        if step is not None:
+            logits = step(tok, next_pos, p + t)  # [N, V']
+        elif m is not None:
             x = m.embed_tokens(tok[:, None])  # [N, 1, d]
             h = _decode(m, x, next_pos, cache, p + t, real[:, None, : p + t + 1])[:, -1]  # [N, d]
             logits = F.linear(h.to(w.dtype), w, b)  # [N, V']

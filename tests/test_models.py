@@ -216,6 +216,29 @@ def test_static_cache_equals_the_models_own_cache_when_sampling():
     torch.testing.assert_close(p1, p2, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_fixed_shape_decode_step_equals_the_static_cache(autocast):
+    """The CUDA-graph step (`cuda_graph=True`; on CPU the same fixed-shape step runs
+    eagerly): it writes each slot by index and reads the whole buffer under a mask, and
+    gives the same draws as the growing-slice path, with left padding, a vocabulary slice,
+    top-k/top-p, rows that stop at eos at different steps, and under bf16 autocast."""
+    torch.manual_seed(0)
+    lm = Qwen2ForCausalLM(Qwen2Config(vocab_size=30, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2)).eval()
+    emb, mask = torch.randn(16, 5, 32), torch.ones(16, 5, dtype=torch.long)
+    mask[::3, :2] = 0
+    with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        outs = [sample(lm, emb, mask, max_new_tokens=12, eos_id=29, temperature=1.3, top_k=12,
+                       top_p=0.95, generator=torch.Generator().manual_seed(7), vocab=(10, 30),
+                       cuda_graph=g) for g in (True, False)]
+    (t1, l1, p1), (t2, l2, p2) = outs
+    assert t1.tolist() == t2.tolist() and l1.tolist() == l2.tolist()
+    assert len(set(l1.tolist())) > 1  # eos at different steps
+    tol = 2e-2 if autocast else 1e-5
+    torch.testing.assert_close(p1, p2, rtol=tol, atol=tol)
+
+
 def test_static_cache_only_for_layouts_it_computes_exactly():
     """Look-alike layouts (Granite's multipliers, Mistral's window) are left to their own
     forward, and so is a Qwen2 with a sliding window."""

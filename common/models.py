@@ -495,8 +495,9 @@ def _graph_step(m: nn.Module, w: torch.Tensor, b: torch.Tensor | None, cache: li
     CUDA graph needs: the token, position and slot are copied into static buffers, and
     attention reads the whole cache with `real & (slot index <= slot)` as its mask. On CUDA
     the step is captured once as a graph and replayed: one launch per step instead of a few
-    per layer, which is where a small model's decode time goes. Elsewhere the same step runs
-    eagerly (the tests check it against the other path on CPU). Returns step(tok [N],
+    per layer, which is where a small model's decode time goes. Elsewhere (and for rotary
+    scalings that branch on the host) the same step runs eagerly; the tests check it against
+    the other path on CPU. Returns step(tok [N],
     pos [N, 1], slot) -> logits [N, V']."""
     n, s = real.shape
     dev = real.device
@@ -511,20 +512,26 @@ def _graph_step(m: nn.Module, w: torch.Tensor, b: torch.Tensor | None, cache: li
         return F.linear(h.to(w.dtype), w, b)  # [N, V']
 
     graph, out = None, None
-    if dev.type == "cuda":
+    rope = str(getattr(m.rotary_emb, "rope_type", "default"))
+    if dev.type == "cuda" and "dynamic" not in rope and rope != "longrope":  # those branch on the host
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
         # warm up on a side stream (lazy inits must not happen during capture); this writes
         # junk into slot first_slot, which the first real step overwrites. Autocast's weight
-        # cache must be off inside a graph.
+        # cache must be off inside a graph; the attention kernel is pinned to one known to
+        # take a mask under capture.
         amp = dict(device_type="cuda", enabled=torch.is_autocast_enabled("cuda"),
                    dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side), torch.autocast(**amp):
-            run()
-        torch.cuda.current_stream(dev).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), torch.autocast(**amp):
-            out = run()
+        kernels = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+        with torch.cuda.device(dev):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side), torch.autocast(**amp), sdpa_kernel(kernels):
+                run()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=side), torch.autocast(**amp), sdpa_kernel(kernels):
+                out = run()
 
     def step(t_tok: torch.Tensor, t_pos: torch.Tensor, at: int) -> torch.Tensor:
         tok.copy_(t_tok)

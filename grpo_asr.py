@@ -369,7 +369,7 @@ def write_manifest(path: str, utts: list[Utt]) -> None:
 
 
 def plot(out_dir: str, log: list[dict], dev: list[dict]) -> None:
-    plot_curves(os.path.join(out_dir, "curves.png"), [
+    plot_curves(os.path.join(out_dir, "curves.svg"), [
         ("reward", "mean reward", [r["step"] for r in log], [r["reward"] for r in log]),
         ("dev WER (greedy)", "WER", [r["step"] for r in dev], [r["wer"] for r in dev])])
 

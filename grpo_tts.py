@@ -139,12 +139,14 @@ class Args:
 @dataclass
 class Cond:
     """One text to speak: its prompt (the CosyVoice 2 layout's ids), the prompt's log-mel
-    (for speaker similarity) and, when real audio of the text exists, its token count."""
+    (for speaker similarity) and audio file, and, when real audio of the text exists, its
+    token count."""
 
     utt: Utt
     prompt_ids: list[int]
     prompt_mel: torch.Tensor  # [T, 80]
     ref_len: int | None
+    prompt_audio: str
 
 
 def conditions(path: str, lm: TTSLM, tok: SpeechTokenizer | SemanticTokenizer, skips: Skips,
@@ -183,7 +185,7 @@ def conditions(path: str, lm: TTSLM, tok: SpeechTokenizer | SemanticTokenizer, s
         except Exception as e:  # unreadable, silent, too long ...: named, counted, skipped
             skips.warn(u.src, "bad audio", str(e))
             continue
-        out.append(Cond(u, lm.prompt(p_text, u.text, tok.encode(pm).tolist()), pm, ref))
+        out.append(Cond(u, lm.prompt(p_text, u.text, tok.encode(pm).tolist()), pm, ref, p_audio))
     if not out:
         raise ValueError(f"{path}: nothing usable (skipped: {skips.as_dict()})")
     return out
@@ -429,7 +431,7 @@ def sampling_report(lm: TTSLM, conds: list[Cond], judges: dict, a: Args, g: int 
 
 
 def plot(out_dir: str, log: list[dict], dev: list[dict]) -> None:
-    plot_curves(os.path.join(out_dir, "curves.png"), [
+    plot_curves(os.path.join(out_dir, "curves.svg"), [
         ("reward", "mean reward", [r["step"] for r in log], [r["reward"] for r in log]),
         ("dev CER (eval ASR, greedy)", "CER", [r["step"] for r in dev], [r["cer"] for r in dev]),
         ("dev speaker similarity", "SIM", [r["step"] for r in dev], [r["sim"] for r in dev])])
@@ -482,7 +484,9 @@ def main(a: Args) -> dict:
     parts = [a.init, a.tokenizer, a.token2mel, a.reward_asr, a.eval_asr, a.speaker_model]
     code = [__file__, *(os.path.join(os.path.dirname(os.path.abspath(__file__)), "common", f"{m}.py")
                         for m in ("tts", "models", "data", "audio"))]
-    key = json.dumps({"files": [stamp(p) for p in [*parts, a.dev_data, *a.test_data]],
+    audio = sorted({f for c in [*dev, *(c for cs in tests.values() for c in cs)]
+                    for f in (c.utt.audio, c.prompt_audio) if f})  # what the manifests point to
+    key = json.dumps({"files": [stamp(p) for p in [*parts, a.dev_data, *a.test_data, *audio]],
                       "prompt": [stamp(a.prompt_audio) if a.prompt_audio else "", a.prompt_text],
                       "settings": [a.max_new_tokens, a.eval_temperature, a.top_k, a.top_p, a.reward_on,
                                    a.device, a.bf16, a.seed if a.eval_temperature > 0 else None],

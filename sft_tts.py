@@ -82,8 +82,10 @@ class Args:
     """TTS LM layers"""
     lm_lr: float = 1e-3
     """TTS LM peak learning rate"""
-    lm_minutes: float = 20.0
+    lm_minutes: float = 45.0
     """TTS LM budget; it stops earlier when dev NLL stops improving"""
+    lm_bf16: bool = True
+    """train the TTS LM under bf16 autocast (1.3x faster a step on a CPU with avx512_bf16; dev NLL in fp32)"""
     batch_size: int = 32
     """utterances per step, every stage"""
     eval_every: int = 200
@@ -110,7 +112,7 @@ def cached(a: Args, world: str, stage: str) -> str:
     upto = STAGES[: STAGES.index(stage) + 1]
     keys = {"tokenizer": ["n_tokens"], "token2wav": ["t2m_d", "t2m_blocks", "t2m_minutes"],
             "judges": ["judge_minutes", "judge_batch", "spk_minutes"],
-            "tts_lm": ["lm_d", "lm_layers", "lm_lr", "lm_minutes", "patience"]}
+            "tts_lm": ["lm_d", "lm_layers", "lm_lr", "lm_minutes", "lm_bf16", "patience"]}
     cfg = {k: getattr(a, k) for s in upto for k in keys[s]} | {"seed": a.seed, "bs": a.batch_size,
                                                                "every": a.eval_every}
     if a.max_steps:
@@ -342,7 +344,8 @@ def build_tts_lm(a, out, splits, tokens):
             lens = [len(p) + len(o) + rng.random() for p, o in ex]  # random tie-break
             batches = length_batches(lens, a.batch_size, seed=rng.randrange(2**31))
             queue.extend([ex[i] for i in b] for b in batches)
-        return nll(queue.pop())
+        with torch.autocast("cpu", torch.bfloat16, enabled=a.lm_bf16):
+            return nll(queue.pop())
 
     def dev_fn():
         lm.eval()

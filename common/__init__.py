@@ -5,9 +5,11 @@ import argparse
 import dataclasses
 import inspect
 import json
+import math
 import os
 import re
 import typing
+from xml.sax.saxutils import escape
 
 _FIELD = re.compile(r"^\s+(\w+)\s*:")
 
@@ -68,22 +70,42 @@ def peak_mem_mb(device: str) -> float:
 
 
 def plot_curves(path: str, panels: list[tuple[str, str, list, list]]) -> None:
-    """One PNG, a panel per (title, y label, steps, values). matplotlib is optional."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plots (pip install matplotlib)")
-        return
-    fig, ax = plt.subplots(1, len(panels), figsize=(4.3 * len(panels), 3.5), squeeze=False)
-    for axis, (title, ylabel, xs, ys) in zip(ax[0], panels, strict=True):
-        axis.plot(xs, ys, marker="o" if len(xs) < 30 else None)
-        axis.set(xlabel="step", ylabel=ylabel, title=title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    """One SVG (any browser opens it; no plotting library needed), a panel per (title,
+    y label, steps, values): the line, its points, and the first/last step and min/max value
+    on the axes. Written atomically."""
+    w, h, m = 320, 240, 48  # panel size and margin, px
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w * len(panels)}" height="{h}" '
+           'font-family="sans-serif" font-size="11">']
+    for i, (title, ylabel, xs, ys) in enumerate(panels):
+        x0 = i * w
+        out.append(f'<text x="{x0 + w / 2}" y="16" text-anchor="middle" font-size="13">'
+                   f'{escape(title)}</text>')
+        out.append(f'<text x="{x0 + 12}" y="{h / 2}" transform="rotate(-90 {x0 + 12} {h / 2})" '
+                   f'text-anchor="middle">{escape(ylabel)}</text>')
+        out.append(f'<rect x="{x0 + m}" y="{m / 2}" width="{w - 1.5 * m}" height="{h - 1.5 * m}" '
+                   'fill="none" stroke="#999"/>')
+        pts = [(float(x), float(y)) for x, y in zip(xs, ys, strict=True) if math.isfinite(float(y))]
+        if not pts:
+            continue
+        lo_x, hi_x = min(p[0] for p in pts), max(p[0] for p in pts)
+        lo_y, hi_y = min(p[1] for p in pts), max(p[1] for p in pts)
+        sx = (w - 1.5 * m) / ((hi_x - lo_x) or 1.0)
+        sy = (h - 1.5 * m) / ((hi_y - lo_y) or 1.0)
+        xy = [(x0 + m + (x - lo_x) * sx, h - m + (lo_y - y) * sy) for x, y in pts]
+        out.append('<polyline fill="none" stroke="#1f77b4" stroke-width="1.5" points="'
+                   + " ".join(f"{a:.1f},{b:.1f}" for a, b in xy) + '"/>')
+        if len(xy) < 30:
+            out.extend(f'<circle cx="{a:.1f}" cy="{b:.1f}" r="2.5" fill="#1f77b4"/>' for a, b in xy)
+        for v, y in ((hi_y, m / 2 + 4), (lo_y, h - m)):  # value range on the y axis
+            out.append(f'<text x="{x0 + m - 3}" y="{y}" text-anchor="end">{v:.4g}</text>')
+        for v, x, anchor in ((lo_x, x0 + m, "start"), (hi_x, x0 + w - m / 2, "end")):  # step range
+            out.append(f'<text x="{x}" y="{h - m + 14}" text-anchor="{anchor}">{v:g}</text>')
+        out.append(f'<text x="{x0 + m + (w - 1.5 * m) / 2}" y="{h - m + 28}" '
+                   'text-anchor="middle">step</text>')
+    out.append("</svg>")
+    with open(path + ".tmp", "w") as f:
+        f.write("\n".join(out) + "\n")
+    os.replace(path + ".tmp", path)
 
 
 def stamp(path: str) -> list:

@@ -32,3 +32,22 @@ def test_bool_flags_bare_or_with_a_value():
 def test_types_and_repeatable_lists():
     a = parse_args(Args, ["--lr", "3e-4", "--test_data", "a.jsonl", "--test_data", "b.jsonl"])
     assert a.lr == 3e-4 and a.test_data == ["a.jsonl", "b.jsonl"]
+
+
+def test_plot_curves_writes_an_svg_with_every_point(tmp_path):
+    """The curves need no plotting library: one SVG, a panel per series, one polyline
+    vertex per finite point (NaN skipped), the value range on the axis, escaped titles."""
+    import xml.etree.ElementTree as ET
+
+    from common import plot_curves
+    path = tmp_path / "curves.svg"
+    plot_curves(str(path), [("reward", "mean reward", [1, 2, 3], [0.2, float("nan"), 0.5]),
+                            ("dev CER <greedy>", "CER", [0, 50, 100], [0.5, 0.45, 0.4])])
+    root = ET.parse(path).getroot()
+    ns = "{http://www.w3.org/2000/svg}"
+    lines = root.findall(f"{ns}polyline")
+    assert [len(pl.get("points").split()) for pl in lines] == [2, 3]
+    texts = [t.text for t in root.findall(f"{ns}text")]
+    assert "dev CER <greedy>" in texts and "0.5" in texts and "0.4" in texts and "100" in texts
+    ys = [float(p.split(",")[1]) for p in lines[1].get("points").split()]
+    assert ys[0] < ys[1] < ys[2]  # a falling CER is drawn going down (SVG y grows downwards)

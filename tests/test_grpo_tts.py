@@ -284,3 +284,11 @@ def test_the_sft_start_is_judged_once_for_every_seed_and_run(world, tmp_path, mo
     assert calls["n"] == 0 and s1["before"] == s0["before"] and s1["resynth_cer"] == s0["resynth_cer"]
     g.main(_args(world, tmp_path / "c", steps=1, audio_every=10, init=str(tmp_path / "a" / "last")))
     assert calls["n"] == 2  # a new checkpoint: test-seen and test-unseen floors computed again
+    # audio rewritten behind an unchanged manifest (here: a new mtime) is a new start too
+    manifest = os.path.join(world["world"], "test-seen", "manifest.jsonl")
+    with open(manifest) as f:
+        wav = os.path.join(os.path.dirname(manifest), json.loads(f.readline())["audio"])
+    st = os.stat(wav)
+    os.utime(wav, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    g.main(_args(world, tmp_path / "d", steps=1, audio_every=10, seed=1))
+    assert calls["n"] == 4

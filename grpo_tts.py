@@ -487,7 +487,7 @@ def main(a: Args) -> dict:
     audio = sorted({f for c in [*dev, *(c for cs in tests.values() for c in cs)]
                     for f in (c.utt.audio, c.prompt_audio) if f})  # what the manifests point to
     key = json.dumps({"files": [stamp(p) for p in [*parts, a.dev_data, *a.test_data, *audio]],
-                      "prompt": [stamp(a.prompt_audio) if a.prompt_audio else "", a.prompt_text],
+                      "prompt_text": a.prompt_text,  # its audio, where used, is among `audio`
                       "settings": [a.max_new_tokens, a.eval_temperature, a.top_k, a.top_p, a.reward_on,
                                    a.device, a.bf16, a.seed if a.eval_temperature > 0 else None],
                       "code": [hashlib.sha1(open(f, "rb").read()).hexdigest() for f in code]})

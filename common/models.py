@@ -497,8 +497,7 @@ def _graph_step(m: nn.Module, w: torch.Tensor, b: torch.Tensor | None, cache: li
     the step is captured once as a graph and replayed: one launch per step instead of a few
     per layer, which is where a small model's decode time goes. Elsewhere (and for rotary
     scalings that branch on the host) the same step runs eagerly; the tests check it against
-    the other path on CPU. Returns step(tok [N],
-    pos [N, 1], slot) -> logits [N, V']."""
+    the other path on CPU. Returns step(tok [N], pos [N, 1], slot) -> logits [N, V']."""
     n, s = real.shape
     dev = real.device
     tok = torch.zeros(n, dtype=torch.long, device=dev)

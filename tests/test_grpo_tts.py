@@ -132,6 +132,32 @@ def world(tmp_path_factory):
     return paths
 
 
+def test_lm_bf16_trains_the_tts_lm_under_autocast(world, tmp_path, monkeypatch):
+    """--lm_bf16 runs the LM's training forward under CPU bf16 autocast (and only then):
+    the same seeded steps give other weights than fp32, and the dev NLL stays fp32."""
+    from safetensors.torch import load_file as load
+
+    splits = {n: sft_tts.load_split(os.path.join(world["world"], n, "manifest.jsonl"), sft_tts.Skips())
+              for n in ("train", "dev")}
+    tokens = json.load(open(world["tokens"]))
+    seen = []
+    real = torch.autocast
+
+    def spy(*args, **kw):
+        seen.append(kw.get("enabled", True))
+        return real(*args, **kw)
+    monkeypatch.setattr(sft_tts.torch, "autocast", spy)
+    weights = {}
+    for bf16 in (True, False):
+        a = sft_tts.Args(n_tokens=32, lm_d=32, lm_layers=1, batch_size=8, max_steps=3, eval_every=3,
+                         lm_bf16=bf16)
+        rep = sft_tts.build_tts_lm(a, str(tmp_path / str(bf16)), splits, tokens)
+        assert isinstance(rep["best_dev"], float) and math.isfinite(rep["best_dev"])
+        weights[bf16] = load(str(tmp_path / str(bf16) / "tts_lm" / "model.safetensors"))
+    assert seen == [True] * 3 + [False] * 3  # one autocast per training step, on only with the flag
+    assert any(not torch.equal(weights[True][k], weights[False][k]) for k in weights[True])
+
+
 def test_a_stage_code_version_renames_it_and_the_stages_after_it(monkeypatch):
     a = sft_tts.Args()
     before = [sft_tts.cached(a, "w", s) for s in sft_tts.STAGES]

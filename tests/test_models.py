@@ -197,20 +197,24 @@ def test_static_cache_sampler_equals_hf_generate_on_other_layouts(arch):
     assert toks.tolist() == ref[:, : toks.shape[1]].tolist()
 
 
-def test_static_cache_equals_the_models_own_cache_when_sampling():
-    """Same generator, same draws: tokens, lengths and log-probs agree between the static
-    cache and the model's own forward + growing cache, with left padding, a vocabulary slice,
-    top-k/top-p and rows that stop at eos at different steps."""
+def _draws(autocast: bool = False, **kw):
+    """Seeded draws of a tiny Qwen2 with left padding, a vocabulary slice, top-k/top-p and
+    rows that stop at eos at different steps: (tokens, lengths, log-probs)."""
     torch.manual_seed(0)
     lm = Qwen2ForCausalLM(Qwen2Config(vocab_size=30, hidden_size=32, intermediate_size=64,
                                       num_hidden_layers=2, num_attention_heads=4,
                                       num_key_value_heads=2)).eval()
     emb, mask = torch.randn(16, 5, 32), torch.ones(16, 5, dtype=torch.long)
     mask[::3, :2] = 0
-    outs = [sample(lm, emb, mask, max_new_tokens=12, eos_id=29, temperature=1.3, top_k=12, top_p=0.95,
-                   generator=torch.Generator().manual_seed(7), vocab=(10, 30), static_cache=sc)
-            for sc in (True, False)]
-    (t1, l1, p1), (t2, l2, p2) = outs
+    with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        return sample(lm, emb, mask, max_new_tokens=12, eos_id=29, temperature=1.3, top_k=12, top_p=0.95,
+                      generator=torch.Generator().manual_seed(7), vocab=(10, 30), **kw)
+
+
+def test_static_cache_equals_the_models_own_cache_when_sampling():
+    """Same generator, same draws: tokens, lengths and log-probs agree between the static
+    cache and the model's own forward + growing cache."""
+    (t1, l1, p1), (t2, l2, p2) = _draws(), _draws(static_cache=False)
     assert t1.tolist() == t2.tolist() and l1.tolist() == l2.tolist()
     assert ((t1 >= 10) | (t1 == 0)).all() and len(set(l1.tolist())) > 1  # eos at different steps
     torch.testing.assert_close(p1, p2, rtol=1e-5, atol=1e-5)
@@ -220,19 +224,8 @@ def test_static_cache_equals_the_models_own_cache_when_sampling():
 def test_fixed_shape_decode_step_equals_the_static_cache(autocast):
     """The CUDA-graph step (`cuda_graph=True`; on CPU the same fixed-shape step runs
     eagerly): it writes each slot by index and reads the whole buffer under a mask, and
-    gives the same draws as the growing-slice path, with left padding, a vocabulary slice,
-    top-k/top-p, rows that stop at eos at different steps, and under bf16 autocast."""
-    torch.manual_seed(0)
-    lm = Qwen2ForCausalLM(Qwen2Config(vocab_size=30, hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2)).eval()
-    emb, mask = torch.randn(16, 5, 32), torch.ones(16, 5, dtype=torch.long)
-    mask[::3, :2] = 0
-    with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
-        outs = [sample(lm, emb, mask, max_new_tokens=12, eos_id=29, temperature=1.3, top_k=12,
-                       top_p=0.95, generator=torch.Generator().manual_seed(7), vocab=(10, 30),
-                       cuda_graph=g) for g in (True, False)]
-    (t1, l1, p1), (t2, l2, p2) = outs
+    gives the same draws as the growing-slice path, in fp32 and under bf16 autocast."""
+    (t1, l1, p1), (t2, l2, p2) = _draws(autocast, cuda_graph=True), _draws(autocast)
     assert t1.tolist() == t2.tolist() and l1.tolist() == l2.tolist()
     assert len(set(l1.tolist())) > 1  # eos at different steps
     tol = 2e-2 if autocast else 1e-5

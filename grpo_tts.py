@@ -358,11 +358,13 @@ def sequence_logprobs(lm: TTSLM, net: torch.nn.Module, prompts: list[list[int]],
                       a: Args) -> tuple[torch.Tensor, torch.Tensor]:
     """ℓ_{i,t} = log π(o_{i,t} | x, o_{i,<t}) from `net` (policy or reference LM), teacher-
     forced through the fused kernel (SPEC F2) over the output slice (speech tokens + eos),
-    exactly the distribution the sampler drew from. Returns lp, entropy [N, L], 0 where padded."""
-    ids, mask, pos, pred, y = lm.batch(prompts, outs)  # the prompt is never a target
+    exactly the distribution the sampler drew from. `prompts` has one entry per group and
+    `outs` is group-major; each prompt is run once and shared by its G outputs. Returns lp,
+    entropy [N, L], 0 where padded."""
     with torch.autocast(a.device, torch.bfloat16, enabled=a.bf16):
-        hid = net.base_model(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
-    lp, ent = token_logprobs(hid.flatten(0, 1)[pred], lm.head(net), y, with_entropy=True)  # [Σ|o_i|]
+        hid = lm.output_hidden(net, prompts, outs)  # [Σ|o_i|, d]; the prompt is never a target
+    y = torch.tensor([t for o in outs for t in o], dtype=torch.long, device=hid.device)
+    lp, ent = token_logprobs(hid, lm.head(net), y, with_entropy=True)  # [Σ|o_i|]
     lens = torch.tensor([len(o) for o in outs], device=lp.device)
     valid = torch.arange(int(lens.max()), device=lp.device)[None] < lens[:, None]  # [N, L]
     return (torch.zeros(valid.shape, device=lp.device).masked_scatter(valid, lp),
@@ -542,7 +544,7 @@ def main(a: Args) -> dict:
         # 1. Rollout: G samples per text from π_old = π_θ (Eq. G1).
         t0 = time.time()
         outs, ended = synthesize(lm, batch, a, a.temperature, gen, repeat=G)  # B*G outputs o_i
-        prompts = [c.prompt_ids for c in batch for _ in range(G)]
+        prompts = [c.prompt_ids for c in batch]  # one per group; its G outputs share it
         t_sample = time.time() - t0
         # 2. Frozen judges on token2wav's output, batched, no grad (SPEC F1), then rewards (Eq. G2).
         with torch.no_grad(), torch.autocast(a.device, torch.bfloat16, enabled=a.bf16):

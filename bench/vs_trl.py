@@ -18,8 +18,10 @@ judge. Both: T = 1, beta = 0.1 (a reference model), mu = 1, clip 0.2, the `grpo`
 aggregation, group-scaled advantages, AdamW at lr 1e-4, grad-norm clip 1.
 
 "Ours" runs the pieces of `grpo_tts.py`'s step: `common.models.sample` (static KV cache,
-the speech slice only), `group_advantages`, `sequence_logprobs` (the fused log-prob
-kernel) for the reference and the policy, `grpo_loss`, one AdamW step.
+the speech slice only), `group_advantages`, `sequence_logprobs` (each prompt run once and
+its keys/values shared by its G completions, then the fused log-prob kernel) for the
+reference and the policy, `grpo_loss`, one AdamW step. TRL runs every prompt + completion
+whole, G times per prompt.
 "TRL" is `GRPOTrainer.train()` with `max_steps` = warm-up + timed steps; a callback times
 each optimizer step (its generation happens inside it). TRL turns gradient checkpointing on
 by default, ours keeps activations: the `trl` column turns it off (the same work as ours,
@@ -127,8 +129,8 @@ def run_ours(a: argparse.Namespace) -> dict:
         adv, _ = group_advantages(r, ga.scale)
         lmask = torch.ones(len(outs), a.new, dtype=torch.bool, device=a.device)  # [N, L]
         with torch.no_grad():
-            lp_ref = sequence_logprobs(lm, ref, rows, outs, ga)[0]
-        lp, _ = sequence_logprobs(lm, lm.lm, rows, outs, ga)  # [N, L]
+            lp_ref = sequence_logprobs(lm, ref, prompts, outs, ga)[0]  # each prompt run once per group
+        lp, _ = sequence_logprobs(lm, lm.lm, prompts, outs, ga)  # [N, L]
         loss, _ = grpo_loss(lp, lp.detach(), lp_ref, adv.flatten().to(a.device), lmask, ga)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -150,6 +150,42 @@ def test_tts_layout_masks_the_prompt():
     assert lm.out_slice == (lm.offset, lm.eos_id + 1)
 
 
+def _whole_sequence_hidden(lm, prompts, outs, G):
+    """The plain way: every prompt + output sequence run whole (`batch`), B*G prompt passes."""
+    ids, mask, pos, pred, _ = lm.batch([p for p in prompts for _ in range(G)], outs)
+    hid = lm.lm.base_model(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
+    return hid.flatten(0, 1)[pred]
+
+
+@pytest.mark.parametrize("out_lens", [(1, 4, 6, 2, 5, 3), (1, 1, 1, 1, 1, 1)])  # the second: no output inputs
+def test_prefix_sharing_equals_whole_sequences(out_lens):
+    """output_hidden (each prompt run once, its keys/values shared by its G outputs) gives the
+    hidden states and the parameter gradients of running every sequence whole. Tolerance:
+    fp32 rounding of a different summation order (Qwen2's RMSNorm computes in fp32 even for
+    fp64 inputs, so fp64 does not tighten it); the plain path batched two ways differs by as
+    much."""
+    torch.manual_seed(0)
+    lm = build_toy_tts(vocabulary(), n_speech=10, d=32, layers=2, heads=2, dropout=0.0).eval()
+    prompts = [lm.prompt("one two", "three", [4, 5, 6]), lm.prompt("", "five", [7]),
+               lm.prompt("two", "one three five", [1, 2, 3, 8, 9])]  # different lengths: left padding
+    G = 2
+    outs = [[(i * 3 + t) % 10 for t in range(n - 1)] + [10] for i, n in enumerate(out_lens)]  # eos last
+    w = torch.randn(sum(out_lens), 32)  # a fixed random loss on the hidden states
+    params = [q for q in lm.parameters() if q.requires_grad]
+    got = lm.output_hidden(lm.lm, prompts, outs)
+    want = _whole_sequence_hidden(lm, prompts, outs, G)
+    assert got.shape == want.shape == (sum(out_lens), 32)
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+    g_got = torch.autograd.grad((got * w).sum(), params, allow_unused=True)
+    g_want = torch.autograd.grad((want * w).sum(), params, allow_unused=True)
+    for a, b in zip(g_got, g_want, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert (a - b).abs().max() <= 1e-5 * b.abs().max() + 1e-7
+    with pytest.raises(ValueError, match="whole number of groups"):
+        lm.output_hidden(lm.lm, prompts[:2], outs[:5])
+
+
 def test_tts_lm_checkpoint_roundtrip(tmp_path):
     lm = build_toy_tts(vocabulary(), n_speech=10, d=32, layers=1, heads=2).eval()
     save_module(lm, str(tmp_path / "lm"))

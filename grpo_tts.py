@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import json
 import os
 import random
@@ -432,6 +433,12 @@ def sampling_report(lm: TTSLM, conds: list[Cond], judges: dict, a: Args, g: int 
             "no_eos": 1 - sum(ended) / len(ended), "g": g}
 
 
+# The code that judges the SFT start (with common/): its figures are cached under a hash of
+# it, so a change to the RL loop or the loss does not make the next run judge the start again.
+JUDGING = (Cond, conditions, synthesize, speech_of, judge_mels, transcribe, evaluate, resynth_cer,
+           sampling_report)
+
+
 def plot(out_dir: str, log: list[dict], dev: list[dict]) -> None:
     plot_curves(os.path.join(out_dir, "curves.svg"), [
         ("reward", "mean reward", [r["step"] for r in log], [r["reward"] for r in log]),
@@ -484,15 +491,16 @@ def main(a: Args) -> dict:
     # settings and the code that judges, so they are computed once and shared by every seed,
     # ablation and resume from the same start.
     parts = [a.init, a.tokenizer, a.token2mel, a.reward_asr, a.eval_asr, a.speaker_model]
-    code = [__file__, *(os.path.join(os.path.dirname(os.path.abspath(__file__)), "common", f"{m}.py")
-                        for m in ("tts", "models", "data", "audio"))]
+    common = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "common", f"{m}.py")
+              for m in ("tts", "models", "data", "audio")]
+    code = [*(inspect.getsource(f) for f in JUDGING), *(open(f).read() for f in common)]
     audio = sorted({f for c in [*dev, *(c for cs in tests.values() for c in cs)]
                     for f in (c.utt.audio, c.prompt_audio) if f})  # what the manifests point to
     key = json.dumps({"files": [stamp(p) for p in [*parts, a.dev_data, *a.test_data, *audio]],
                       "prompt_text": a.prompt_text,  # its audio, where used, is among `audio`
                       "settings": [a.max_new_tokens, a.eval_temperature, a.top_k, a.top_p, a.reward_on,
                                    a.device, a.bf16, a.seed if a.eval_temperature > 0 else None],
-                      "code": [hashlib.sha1(open(f, "rb").read()).hexdigest() for f in code]})
+                      "code": [hashlib.sha1(c.encode()).hexdigest() for c in code]})
     cache = os.path.join(cache_root(), "tts-eval", hashlib.sha1(key.encode()).hexdigest()[:16])
     sets = ", ".join(f"{n} ({len(c)} texts)" for n, c in tests.items())
     print(f"before RL: judging the SFT start on {sets}, the resynthesis floor and sampling on dev "

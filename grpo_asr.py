@@ -277,13 +277,14 @@ def reference_model(lm: torch.nn.Module) -> torch.nn.Module:
 def sequence_logprobs(model: SpeechLLM, lm, audio: torch.Tensor, audio_lens: torch.Tensor,
                       seqs: list[list[int]], a: Args) -> tuple[torch.Tensor, torch.Tensor]:
     """ℓ_{i,t} = log π(o_{i,t} | x, o_{i,<t}) from `lm` (policy or reference), teacher-forced,
-    through the fused kernel (SPEC F2). Returns lp [N, L] and entropy [N, L], 0 where padded."""
-    emb, mask, pos, pred = model.build_inputs(audio, audio_lens, seqs, lm)  # lm's own token table
+    through the fused kernel (SPEC F2). `audio` [B', T', d] holds one utterance per group and
+    `seqs` its G samples each (group-major): each utterance's prompt runs once and is shared
+    by its G samples. Returns lp [N, L] and entropy [N, L], 0 where padded."""
     with torch.autocast(a.device, torch.bfloat16, enabled=a.bf16):
-        hid = lm.base_model(inputs_embeds=emb, attention_mask=mask, position_ids=pos).last_hidden_state
+        hid = model.output_hidden(audio, audio_lens, seqs, lm)  # [sum |o_i|, d]; lm's own token table
     y = torch.tensor([t for s in seqs for t in s], device=audio.device)  # [sum |o_i|]
     head = lm.get_output_embeddings().weight  # [V, d]
-    lp, ent = token_logprobs(hid.flatten(0, 1)[pred], head, y, with_entropy=True)  # [sum |o_i|]
+    lp, ent = token_logprobs(hid, head, y, with_entropy=True)  # [sum |o_i|]
     lens = torch.tensor([len(s) for s in seqs], device=audio.device)
     valid = torch.arange(int(lens.max()), device=audio.device)[None] < lens[:, None]  # [N, L]
     out_lp = torch.zeros(valid.shape, device=audio.device, dtype=lp.dtype).masked_scatter(valid, lp)
@@ -467,10 +468,9 @@ def main(a: Args) -> dict:
             audio, al, enc = model.embed_audio(x, xl)  # [B, T', d]
             # π_ref reads the audio through its own (frozen) embedding table; the encoder runs once
             audio_ref = model.embed_audio(x, xl, ref, enc)[0] if ref is not None else None
-        audio, al = audio.repeat_interleave(G, 0), al.repeat_interleave(G, 0)  # [B*G, T', d]
         # 2. Rollout: G samples per utterance from π_old = π_θ (Eq. G1).
-        emb, mask, _, _ = model.build_inputs(audio, al)
-        toks, lens, _ = sample(model.lm, emb, mask, a.max_new_tokens, model.eos_id,
+        emb, mask, _, _ = model.build_inputs(audio.repeat_interleave(G, 0), al.repeat_interleave(G, 0))
+        toks, lens, _ = sample(model.lm, emb, mask, a.max_new_tokens, model.eos_id,  # emb [B*G, P, d]
                                model.tokenizer.pad_token_id or 0, a.temperature, a.top_k, a.top_p, gen)
         seqs = [toks[i, : lens[i]].tolist() for i in range(len(toks))]  # o_i, eos included
         hyps = [model.decode(s) for s in seqs]
@@ -483,22 +483,22 @@ def main(a: Args) -> dict:
                        f"sample {i % G}: {hyps[i]!r}")
         # 4. Advantages (Eq. G3); all-equal groups give Â = 0 and are counted.
         adv, zero_std = group_advantages(r, a.scale)  # [B, G], [B]
-        rows = torch.arange(len(seqs))
+        groups = torch.arange(len(batch))  # the update reads whole groups, each utterance once
         if a.drop_zero_std:
-            rows = rows[~zero_std.repeat_interleave(G)]
+            groups = groups[~zero_std]
+        rows = (groups[:, None] * G + torch.arange(G)).flatten()  # their samples, group-major
         stats: dict[str, float] = {}
         t1 = time.time()
         if len(rows) > 0:
             keep_seqs = [seqs[i] for i in rows]
-            aud, aln, A = audio[rows], al[rows], adv.flatten()[rows].to(a.device)  # A [N]
+            aud, aln, A = audio[groups], al[groups], adv.flatten()[rows].to(a.device)  # [B', T', d], A [N]
             lmask = torch.arange(max(map(len, keep_seqs)), device=a.device)[None] < \
                 torch.tensor([len(s) for s in keep_seqs], device=a.device)[:, None]  # [N, L]
             with torch.no_grad():  # ℓ(old) once, right after sampling (Eq. G7); ℓ(ref) for Eq. G5
                 # μ = 1: π_old is π_θ itself (eval mode, no dropout), so ℓ(old) = ℓ.detach() below
                 lp_old = sequence_logprobs(model, model.lm, aud, aln, keep_seqs, a)[0] if a.mu > 1 else None
                 if ref is not None:
-                    aud_ref = audio_ref.repeat_interleave(G, 0)[rows]  # [N, T', d]
-                    lp_ref = sequence_logprobs(model, ref, aud_ref, aln, keep_seqs, a)[0]
+                    lp_ref = sequence_logprobs(model, ref, audio_ref[groups], aln, keep_seqs, a)[0]
                 else:
                     lp_ref = None
             for _ in range(a.mu):  # μ inner updates on one rollout (Eq. G7)

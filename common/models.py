@@ -163,6 +163,43 @@ def save_folder(path: str, cfg: dict, config_name: str, module: nn.Module, extra
 
 
 # ---------------------------------------------------------------- the LLM-ASR
+def prefix_shared_hidden(base: nn.Module, p_emb: torch.Tensor, p_mask: torch.Tensor,
+                         outputs: list[list[int]], pad_id: int = 0) -> torch.Tensor:
+    """Final hidden states at the positions that predict each output token, [Σ|o_i|, d] in
+    row order, for group-major outputs: G = len(outputs) / B consecutive outputs continue
+    prompt b (p_emb [B, P, d], left-padded under p_mask [B, P]). Each prompt runs through
+    `base` (a transformers decoder) once and its keys/values are shared by its G outputs
+    (prefix sharing): the same numbers as running every prompt + output sequence whole, with
+    B instead of B*G prompt passes in the forward and in the backward. In GRPO the prompt
+    (audio, or text + prompt speech) is longer than the outputs, so this is most of the
+    update's work. `outputs` are token ids; all but each one's last are also inputs."""
+    B, G = p_emb.shape[0], len(outputs) // p_emb.shape[0]
+    if G * B != len(outputs):
+        raise ValueError(f"{len(outputs)} outputs are not a whole number of groups of {B} prompts")
+    dev = p_emb.device
+    out = base(inputs_embeds=p_emb, attention_mask=p_mask,
+               position_ids=(p_mask.cumsum(-1) - 1).clamp(min=0), use_cache=True)
+    h = out.last_hidden_state[:, -1:].repeat_interleave(G, 0)  # [N, 1, d]: the prompt's end predicts o[0]
+    L = max(map(len, outputs)) - 1  # output tokens that are also inputs: o[:-1]
+    if L > 0:
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(G)  # [B, ...] -> [N, ...]; the backward sums over each group
+        ids = torch.full((len(outputs), L), pad_id, dtype=torch.long)
+        mask = torch.zeros(len(outputs), L, dtype=torch.long)  # right-padded
+        for i, o in enumerate(outputs):
+            ids[i, : len(o) - 1], mask[i, : len(o) - 1] = torch.tensor(o[:-1], dtype=torch.long), 1
+        ids, mask = ids.to(dev), mask.to(dev)
+        pos = p_mask.sum(1).repeat_interleave(G)[:, None] + torch.arange(L, device=dev)  # [N, L]
+        # transformers >= 5.2x renamed the cache argument; older 5.x only knows past_key_values
+        kw = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+        hc = base(input_ids=ids, attention_mask=torch.cat([p_mask.repeat_interleave(G, 0), mask], 1),
+                  position_ids=pos, **{kw: cache}).last_hidden_state  # [N, L, d]
+        h = torch.cat([h, hc], 1)  # [N, 1+L, d]
+    idx = torch.tensor([i * h.shape[1] + t for i, o in enumerate(outputs) for t in range(len(o))],
+                       dtype=torch.long, device=dev)
+    return h.flatten(0, 1)[idx]  # [Σ|o_i|, d]
+
+
 class SpeechLLM(nn.Module):
     """audio -> encoder -> stack `stack` frames -> MLP projector -> LM input embeddings.
 
@@ -249,6 +286,15 @@ class SpeechLLM(nn.Module):
                 pred_pos.append(i * L + torch.arange(first - 1, L - 1, device=dev))
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         return x, mask, pos, (torch.cat(pred_pos) if targets is not None else None)
+
+    def output_hidden(self, audio: torch.Tensor, audio_lens: torch.Tensor, outputs: list[list[int]],
+                      lm: nn.Module | None = None) -> torch.Tensor:
+        """Hidden states that predict each output token [Σ|o_i|, d] for G outputs per
+        utterance (group-major), each utterance's [prefix][audio][prompt] run once through
+        `lm` (default: self.lm) and shared by its G outputs (`prefix_shared_hidden`)."""
+        lm = lm or self.lm
+        emb, mask, _, _ = self.build_inputs(audio, audio_lens, lm=lm)  # [B, P, d]
+        return prefix_shared_hidden(lm.base_model, emb, mask, outputs, self.tokenizer.pad_token_id or 0)
 
     def hidden(self, inputs_embeds, attention_mask, position_ids) -> torch.Tensor:
         """Final hidden states of the LM [B, L, d] (the LM head is applied by the caller)."""

@@ -19,7 +19,6 @@ back from it with `load_module`; nothing is downloaded.
 """
 from __future__ import annotations
 
-import inspect
 import json
 import os
 
@@ -31,7 +30,15 @@ import torchaudio.transforms as AT
 from safetensors.torch import load_file
 
 from common.audio import HOP, N_FFT, N_MELS, SR
-from common.models import WEIGHTS_NAME, ConvBlock, ToyEncoder, keep_mask, save_folder, toy_tokenizer
+from common.models import (
+    WEIGHTS_NAME,
+    ConvBlock,
+    ToyEncoder,
+    keep_mask,
+    prefix_shared_hidden,
+    save_folder,
+    toy_tokenizer,
+)
 
 TOKEN_HOP = 4  # mel frames (10 ms) per speech token: 25 Hz tokens
 CHARS = " abcdefghijklmnopqrstuvwxyz'"  # the CTC recognisers' alphabet; blank is the last id
@@ -416,41 +423,13 @@ class TTSLM(nn.Module):
 
     def output_hidden(self, net: nn.Module, prompts: list[list[int]],
                       outputs: list[list[int]]) -> torch.Tensor:
-        """The last hidden states at the positions that predict each output token, [Σ|o_i|, d],
-        in row order, for a group-major batch: G = len(outputs) / len(prompts) consecutive
-        outputs share prompts[b]. Each prompt runs through `net` once and its keys and values
-        are shared by its G outputs (prefix sharing): the same numbers as running every prompt +
-        output sequence whole (`batch`), with B instead of B*G prompt passes in the forward and
-        the backward. GRPO's prompts (text + prompt speech) are longer than its outputs, so this
-        roughly halves the update's work."""
-        G = len(outputs) // len(prompts)
-        if G * len(prompts) != len(outputs):
-            raise ValueError(f"{len(outputs)} outputs are not a whole number of groups of "
-                             f"{len(prompts)} prompts")
-        base = net.base_model
-        ids, mask, pos, _, _ = self.batch(prompts)  # [B, P], left-padded
-        out = base(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-        first = out.last_hidden_state[:, -1].repeat_interleave(G, 0)  # [N, d]: the prompt's end predicts o[0]
-        L = max(map(len, outputs)) - 1  # the output tokens that are also inputs: o[:-1]
-        h = first[:, None]  # [N, 1, d]
-        if L > 0:
-            cache = out.past_key_values
-            cache.batch_repeat_interleave(G)  # [B, ...] -> [N, ...]; the backward sums over each group
-            c_ids = torch.full((len(outputs), L), self.tokenizer.pad_token_id or 0, dtype=torch.long)
-            c_mask = torch.zeros(len(outputs), L, dtype=torch.long)  # right-padded outputs
-            for i, o in enumerate(outputs):
-                c_ids[i, : len(o) - 1] = torch.tensor([self.offset + t for t in o[:-1]], dtype=torch.long)
-                c_mask[i, : len(o) - 1] = 1
-            c_ids, c_mask = c_ids.to(ids.device), c_mask.to(ids.device)
-            c_pos = mask.sum(1).repeat_interleave(G)[:, None] + torch.arange(L, device=ids.device)  # [N, L]
-            # transformers >= 5.2x renamed the cache argument; older 5.x only knows past_key_values
-            kw = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-            hc = base(input_ids=c_ids, attention_mask=torch.cat([mask.repeat_interleave(G, 0), c_mask], 1),
-                      position_ids=c_pos, **{kw: cache}).last_hidden_state  # [N, L, d]
-            h = torch.cat([h, hc], 1)  # [N, 1+L, d]
-        idx = torch.tensor([i * h.shape[1] + t for i, o in enumerate(outputs) for t in range(len(o))],
-                           dtype=torch.long, device=h.device)
-        return h.flatten(0, 1)[idx]  # [Σ|o_i|, d]
+        """Hidden states that predict each output token [Σ|o_i|, d] for group-major outputs
+        (G = len(outputs) / len(prompts) per prompt, out-slice ids), each prompt run once
+        through `net` and shared by its G outputs (`prefix_shared_hidden`)."""
+        ids, mask, _, _, _ = self.batch(prompts)  # [B, P], left-padded
+        emb = net.get_input_embeddings()(ids)  # [B, P, d]
+        ids_out = [[self.offset + t for t in o] for o in outputs]  # out-slice ids -> vocabulary ids
+        return prefix_shared_hidden(net.base_model, emb, mask, ids_out, self.tokenizer.pad_token_id or 0)
 
     def head(self, lm: nn.Module | None = None) -> torch.Tensor:
         """The output rows of the LM head: [K + 1, d]."""

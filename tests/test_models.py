@@ -91,6 +91,34 @@ def qwen2_audio_dir(tmp_path_factory):
     return make_tiny_qwen2_audio(str(tmp_path_factory.mktemp("hf") / "qwen2audio"), WORDS)
 
 
+@pytest.mark.parametrize("kind", ["toy", "qwen2audio"])
+def test_prefix_sharing_equals_whole_sequences(kind, qwen2_audio_dir):
+    """output_hidden (each utterance's [prefix][audio][prompt] run once, its keys/values shared
+    by its G samples) gives the hidden states and LM gradients of running every sequence whole
+    (build_inputs), within fp32 rounding of a different summation order."""
+    torch.manual_seed(0)
+    if kind == "toy":
+        model = build_toy_asr(WORDS, d_enc=16, enc_layers=1, d_lm=16, lm_layers=2).eval()
+        audio, lens = torch.randn(2, 5, 16), torch.tensor([5, 3])  # different lengths: left padding
+    else:
+        model = load_qwen2_audio(qwen2_audio_dir, prompt="<|audio_eos|> one two").eval()
+        audio, lens = torch.randn(2, 5, model.lm.config.hidden_size), torch.tensor([4, 5])
+    G, eos = 3, model.eos_id
+    outs = [[5, 6, eos], [7, eos], [eos], [6, 6, 5, eos], [5, eos], [7, 5, eos]]  # group-major, 2 x 3
+    emb, mask, pos, pred = model.build_inputs(audio.repeat_interleave(G, 0), lens.repeat_interleave(G), outs)
+    want = model.hidden(emb, mask, pos).flatten(0, 1)[pred]  # [Σ|o_i|, d]
+    got = model.output_hidden(audio, lens, outs)
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+    w = torch.randn_like(want)
+    params = [p for p in model.lm.parameters() if p.requires_grad]
+    g_got = torch.autograd.grad((got * w).sum(), params, allow_unused=True)
+    g_want = torch.autograd.grad((want * w).sum(), params, allow_unused=True)
+    for a, b in zip(g_got, g_want, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert (a - b).abs().max() <= 1e-5 * b.abs().max() + 1e-7
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_qwen2_audio_parity_with_transformers(qwen2_audio_dir, attn):
     """Our SpeechLLM over Qwen2-Audio's modules gives the logits that

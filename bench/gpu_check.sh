@@ -14,6 +14,8 @@ echo "== sampler: the CUDA-graph decode step against eager and HF generate"
 timeout 120 python bench/sampler_check.py
 echo "== rollout benchmark, B=128, 64-token prompts, 128 new tokens (eager, dynamic, CUDA graph, HF)"
 timeout 300 python bench/rollout.py --new 128 --reps 1
+echo "== the update's teacher-forced pass: whole sequences against prefix sharing (toy TTS, Qwen2.5-0.5B)"
+timeout 240 python bench/update.py --steps 3
 echo "== log-prob benchmark, N=16384 V=151936 d=896 bf16"
 timeout 300 python bench/logprob.py
 W=$(ls -d "$SPEECHRL_CACHE"/toy-*)

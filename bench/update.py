@@ -1,0 +1,124 @@
+"""Benchmark: the teacher-forced pass of one GRPO update, every prompt + sample sequence run
+whole (the plain way, as TRL does) against prefix sharing (each prompt run once, its keys and
+values shared by its G samples: `common.models.prefix_shared_hidden`, what both GRPO scripts
+use). Each variant runs in its own subprocess, so each peak memory is its own.
+
+    python bench/update.py           # CUDA if present: toy TTS LM and Qwen2.5-0.5B shapes, bf16
+    python bench/update.py --quick   # CPU-sized: the toy TTS LM shape only, fp32
+
+One measured step = ℓ(ref) from a frozen copy without gradient + ℓ with forward and backward
+(the fused log-prob kernel on the output rows of the head), as in `grpo_tts.py` at μ = 1.
+Models: the toy TTS LM (hidden 256, 4 layers) and one with Qwen2.5-0.5B's hidden size,
+layers and heads (896, 24, 14) over the same small vocabulary, random weights. Shapes: B
+prompts of 61-101 tokens (CosyVoice-2-like: 20 text ids, <sos>, 40-80 prompt speech ids),
+G samples of `--new` tokens each. Time per step = median of the timed steps after one
+warm-up. Peak memory: torch.cuda.max_memory_allocated on CUDA; on CPU the peak RSS growth
+over the steps (sampled every 5 ms). The last line is one JSON object with `speedup` =
+whole_s / shared_s and `mem_ratio` = whole_peak / shared_peak (of the first shape).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.vs_trl import peak_mb, start_peak  # noqa: E402
+from common.logprob import token_logprobs  # noqa: E402
+from common.tts import build_toy_tts  # noqa: E402
+
+K = 512  # speech tokens
+SHAPES = {"tts": dict(d=256, layers=4, heads=4), "qwen2.5-0.5b": dict(d=896, layers=24, heads=14)}
+
+
+def run(a: argparse.Namespace) -> dict:
+    torch.manual_seed(0)
+    rng = random.Random(0)
+    cfg = SHAPES[a.shape]
+    lm = build_toy_tts([f"word{i}" for i in range(108)], K, d=cfg["d"], layers=cfg["layers"],
+                       heads=cfg["heads"], dropout=0.0).to(a.device).eval()
+    ref = copy.deepcopy(lm.lm).requires_grad_(False)
+    prompts = [[rng.randrange(4, lm.offset) for _ in range(20)] + [lm.sos_id]
+               + [lm.offset + rng.randrange(K) for _ in range(rng.randint(40, 80))] for _ in range(a.b)]
+    outs = [[rng.randrange(K + 1) for _ in range(a.new)] for _ in range(a.b * a.g)]  # group-major
+    y = torch.tensor([t for o in outs for t in o], device=a.device)
+    adv = torch.randn(len(y), device=a.device)
+
+    def hidden(net: torch.nn.Module) -> torch.Tensor:  # [Σ|o_i|, d]
+        if a.variant == "shared":
+            return lm.output_hidden(net, prompts, outs)
+        ids, mask, pos, pred, _ = lm.batch([p for p in prompts for _ in range(a.g)], outs)
+        h = net.base_model(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
+        return h.flatten(0, 1)[pred]
+
+    def step() -> None:
+        with torch.autocast(a.device, torch.bfloat16, enabled=a.device == "cuda"):
+            with torch.no_grad():
+                lp_ref = token_logprobs(hidden(ref), lm.head(ref), y)
+            lp = token_logprobs(hidden(lm.lm), lm.head(), y)
+        (-(lp - lp_ref.detach()) * adv).mean().backward()
+        lm.zero_grad(set_to_none=True)
+
+    step()  # warm-up
+    watch = start_peak(a.device)
+    times = []
+    for _ in range(a.steps):
+        if a.device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        step()
+        if a.device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return {"s": statistics.median(times), "peak_mb": peak_mb(a.device, watch)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="CPU-sized run (the toy TTS LM shape)")
+    p.add_argument("--b", type=int, default=8, help="prompts per step")
+    p.add_argument("--g", type=int, default=8, help="samples per prompt")
+    p.add_argument("--new", type=int, default=0, help="tokens per sample (0: 64 quick, 256 full)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up")
+    p.add_argument("--variant", default="", help=argparse.SUPPRESS)  # set in the subprocesses
+    p.add_argument("--shape", default="tts", help=argparse.SUPPRESS)
+    p.add_argument("--device", default="", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    a.device = a.device or ("cpu" if a.quick or not torch.cuda.is_available() else "cuda")
+    if a.variant:
+        print(json.dumps(run(a)))
+        return
+    a.new = a.new or (64 if a.quick else 256)
+    shapes = ["tts"] if a.device == "cpu" else ["tts", "qwen2.5-0.5b"]
+    print(f"device {a.device}, torch {torch.__version__}, B={a.b}, G={a.g}, prompts 61-101, new {a.new}")
+    print(f"{'shape':<14} {'variant':<8} {'s/step':>8} {'peak MB':>9}")
+    res = {}
+    for shape in shapes:
+        for variant in ("whole", "shared"):
+            cmd = [sys.executable, __file__, "--variant", variant, "--shape", shape, "--device", a.device,
+                   "--b", str(a.b), "--g", str(a.g), "--new", str(a.new), "--steps", str(a.steps)]
+            r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
+                           .splitlines()[-1])
+            res[shape, variant] = r
+            print(f"{shape:<14} {variant:<8} {r['s']:>8.3f} {r['peak_mb']:>9.0f}")
+    def ratios(shape: str) -> tuple[float, float]:
+        w, sh = res[shape, "whole"], res[shape, "shared"]
+        return round(w["s"] / sh["s"], 3), round(w["peak_mb"] / max(sh["peak_mb"], 1e-9), 3)
+
+    out = dict(zip(("speedup", "mem_ratio"), ratios(shapes[0]), strict=True))
+    for shape in shapes[1:]:
+        out[f"speedup_{shape}"], out[f"mem_ratio_{shape}"] = ratios(shape)
+    out.update({"device": a.device, "b": a.b, "g": a.g, "new": a.new})
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

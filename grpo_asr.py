@@ -469,9 +469,10 @@ def main(a: Args) -> dict:
             # π_ref reads the audio through its own (frozen) embedding table; the encoder runs once
             audio_ref = model.embed_audio(x, xl, ref, enc)[0] if ref is not None else None
         # 2. Rollout: G samples per utterance from π_old = π_θ (Eq. G1).
-        emb, mask, _, _ = model.build_inputs(audio.repeat_interleave(G, 0), al.repeat_interleave(G, 0))
-        toks, lens, _ = sample(model.lm, emb, mask, a.max_new_tokens, model.eos_id,  # emb [B*G, P, d]
-                               model.tokenizer.pad_token_id or 0, a.temperature, a.top_k, a.top_p, gen)
+        emb, mask, _, _ = model.build_inputs(audio, al)  # [B, P, d]: each prompt is run once for its G rows
+        toks, lens, _ = sample(model.lm, emb, mask, a.max_new_tokens, model.eos_id,
+                               model.tokenizer.pad_token_id or 0, a.temperature, a.top_k, a.top_p, gen,
+                               group=G)  # [B*G, L], group-major
         seqs = [toks[i, : lens[i]].tolist() for i in range(len(toks))]  # o_i, eos included
         hyps = [model.decode(s) for s in seqs]
         t_sample = time.time() - t0

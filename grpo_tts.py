@@ -200,11 +200,10 @@ def synthesize(lm: TTSLM, conds: list[Cond], a: Args, temperature: float, gen=No
     each ended with eos."""
     seqs, ended = [], []
     for s in range(0, len(conds), 64 // repeat or 1):
-        prompts = [c.prompt_ids for c in conds[s : s + 64 // repeat or 1] for _ in range(repeat)]
-        ids, mask, pos, _, _ = lm.batch(prompts)
-        emb = lm.lm.get_input_embeddings()(ids)
+        ids, mask, _, _, _ = lm.batch([c.prompt_ids for c in conds[s : s + 64 // repeat or 1]])
+        emb = lm.lm.get_input_embeddings()(ids)  # [B, P, d]: each prompt is run once for its `repeat` rows
         toks, lens, _ = sample(lm.lm, emb, mask, a.max_new_tokens, lm.eos_id, 0, temperature,
-                               a.top_k, a.top_p, gen, vocab=lm.out_slice)
+                               a.top_k, a.top_p, gen, vocab=lm.out_slice, group=repeat)
         for row, n in zip(toks.tolist(), lens.tolist(), strict=True):
             o = [t - lm.offset for t in row[:n]]
             seqs.append(o)

@@ -18,10 +18,10 @@ judge. Both: T = 1, beta = 0.1 (a reference model), mu = 1, clip 0.2, the `grpo`
 aggregation, group-scaled advantages, AdamW at lr 1e-4, grad-norm clip 1.
 
 "Ours" runs the pieces of `grpo_tts.py`'s step: `common.models.sample` (static KV cache,
-the speech slice only), `group_advantages`, `sequence_logprobs` (each prompt run once and
-its keys/values shared by its G completions, then the fused log-prob kernel) for the
-reference and the policy, `grpo_loss`, one AdamW step. TRL runs every prompt + completion
-whole, G times per prompt.
+the speech slice only, each prompt prefilled once for its G rows), `group_advantages`,
+`sequence_logprobs` (each prompt run once and its keys/values shared by its G completions,
+then the fused log-prob kernel) for the reference and the policy, `grpo_loss`, one AdamW
+step. TRL runs every prompt G times, in generation and in each log-prob pass.
 "TRL" is `GRPOTrainer.train()` with `max_steps` = warm-up + timed steps; a callback times
 each optimizer step (its generation happens inside it). TRL turns gradient checkpointing on
 by default, ours keeps activations: the `trl` column turns it off (the same work as ours,
@@ -117,13 +117,12 @@ def run_ours(a: argparse.Namespace) -> dict:
               beta=0.1, lr=1e-4)
     opt = torch.optim.AdamW(lm.parameters(), lr=ga.lr, weight_decay=0.0)
     gen = torch.Generator(a.device).manual_seed(0)
-    rows = [p for p in prompts for _ in range(a.g)]  # B*G prompts, group-major
 
     def step() -> None:
         # rollout: G samples per prompt, speech tokens only (eos excluded: fixed length)
-        ids, mask, _, _, _ = lm.batch(rows)  # as grpo_tts.synthesize (which samples without autocast)
+        ids, mask, _, _, _ = lm.batch(prompts)  # as grpo_tts.synthesize (which samples without autocast)
         toks, _, _ = sample(lm.lm, lm.lm.get_input_embeddings()(ids), mask, a.new, eos_id=-1,
-                            temperature=1.0, generator=gen, vocab=(lm.offset, lm.offset + K))
+                            temperature=1.0, generator=gen, vocab=(lm.offset, lm.offset + K), group=a.g)
         outs = [[t - lm.offset for t in row] for row in toks.tolist()]  # [B*G] lists of L ids
         r = torch.tensor([reward(o) for o in outs]).view(a.b, a.g)  # [B, G]
         adv, _ = group_advantages(r, ga.scale)

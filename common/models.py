@@ -594,8 +594,11 @@ def _graph_step(m: nn.Module, w: torch.Tensor, b: torch.Tensor | None, cache: li
 def sample(lm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
            max_new_tokens: int, eos_id: int, pad_id: int = 0, temperature: float = 1.0,
            top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None,
-           vocab: tuple[int, int] | None = None, static_cache: bool = True, cuda_graph: bool = False):
-    """Batched autoregressive sampling from left-padded prompt embeddings [N, P, d].
+           vocab: tuple[int, int] | None = None, static_cache: bool = True, cuda_graph: bool = False,
+           group: int = 1):
+    """Batched autoregressive sampling from left-padded prompt embeddings [B, P, d], `group`
+    samples per prompt (N = B * group rows, group-major): each prompt is run once (prefill)
+    and its keys and values copied to its rows, which then sample independently.
     `vocab=(lo, hi)` samples only ids lo..hi-1, renormalised over them (the TTS LM emits
     speech tokens and eos, never text); only those rows of the output head are computed.
 
@@ -608,9 +611,11 @@ def sample(lm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Ten
     Returns tokens [N, L] (pad after eos), lengths [N] (eos included; max_new_tokens if
     no eos came), and the sampled tokens' log-probs [N, L] (0 where padded)."""
     lo, hi = vocab or (0, None)
-    n, p, _ = inputs_embeds.shape
-    dev = inputs_embeds.device
-    pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [N, P]
+    nb, p, _ = inputs_embeds.shape
+    n, dev = nb * group, inputs_embeds.device
+    pos_b = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, P]
+    mask_b, attention_mask = attention_mask, attention_mask.repeat_interleave(group, 0)  # [B, P], [N, P]
+    pos = pos_b.repeat_interleave(group, 0)  # [N, P]
     m = static_cache_decoder(lm) if static_cache else None
     if m is not None:
         head = lm.get_output_embeddings()
@@ -619,23 +624,27 @@ def sample(lm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Ten
         s = p + max_new_tokens  # cache slots: the prompt, then one per new token
         # the cache holds what attention reads: autocast's dtype (bf16 on CUDA) if it is on
         dt = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else w.dtype
-        cache = [tuple(torch.zeros(n, layer.self_attn.k_proj.out_features // layer.self_attn.head_dim, s,
+        cache = [tuple(torch.zeros(nb, layer.self_attn.k_proj.out_features // layer.self_attn.head_dim, s,
                                    layer.self_attn.head_dim, dtype=dt, device=dev) for _ in range(2))
-                 for layer in m.layers]  # [(keys, values) [N, H_kv, S, hd]] per layer
+                 for layer in m.layers]  # [(keys, values) [B, H_kv, S, hd]] per layer
         # a slot is visible if it is not left padding, within the prompt also causally; a
         # padding query sees itself (a query that sees nothing gives NaN)
-        real = torch.cat([attention_mask, attention_mask.new_ones(n, max_new_tokens)], 1).bool()  # [N, S]
-        see = real[:, None, :p] & torch.ones(p, p, dtype=torch.bool, device=dev).tril()  # [N, P, P]
+        see = mask_b.bool()[:, None, :] & torch.ones(p, p, dtype=torch.bool, device=dev).tril()  # [B, P, P]
         see[:, torch.arange(p), torch.arange(p)] = True
-        h = _decode(m, inputs_embeds, pos, cache, 0, see)[:, -1]  # [N, d]
-        logits = F.linear(h.to(w.dtype), w, b)  # [N, V']
+        h = _decode(m, inputs_embeds, pos_b, cache, 0, see)[:, -1]  # [B, d]: the prefill, once per prompt
+        logits = F.linear(h.to(w.dtype), w, b).repeat_interleave(group, 0)  # [N, V']
+        if group > 1:  # each prompt's keys/values to its rows
+            cache = [(k.repeat_interleave(group, 0), v.repeat_interleave(group, 0)) for k, v in cache]
+        real = torch.cat([attention_mask, attention_mask.new_ones(n, max_new_tokens)], 1).bool()  # [N, S]
         step = _graph_step(m, w, b, cache, real, p) if cuda_graph and max_new_tokens > 1 else None
     else:
         # transformers >= 5.2x renamed the cache argument; older 5.x only knows past_key_values
         cache_kw = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
-        out = lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=pos,
-                 use_cache=True, logits_to_keep=1)
-        cache, logits = out.past_key_values, out.logits[:, -1, lo:hi]  # [N, V']
+        out = lm(inputs_embeds=inputs_embeds, attention_mask=mask_b, position_ids=pos_b,
+                 use_cache=True, logits_to_keep=1)  # the prefill, once per prompt
+        cache, logits = out.past_key_values, out.logits[:, -1, lo:hi].repeat_interleave(group, 0)  # [N, V']
+        if group > 1:
+            cache.batch_repeat_interleave(group)
         step = None
     next_pos = pos[:, -1:] + 1  # [N, 1]
     tokens, logps = [], []

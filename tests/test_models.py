@@ -225,15 +225,23 @@ def test_static_cache_sampler_equals_hf_generate_on_other_layouts(arch):
     assert toks.tolist() == ref[:, : toks.shape[1]].tolist()
 
 
-def _draws(autocast: bool = False, **kw):
+def _draws(autocast: bool = False, group: int = 1, shared: bool = False, **kw):
     """Seeded draws of a tiny Qwen2 with left padding, a vocabulary slice, top-k/top-p and
-    rows that stop at eos at different steps: (tokens, lengths, log-probs)."""
+    rows that stop at eos at different steps: (tokens, lengths, log-probs). With group > 1:
+    4 prompts, `group` samples each, each prompt passed once (`shared`: sample's group) or
+    as `group` repeated rows."""
     torch.manual_seed(0)
     lm = Qwen2ForCausalLM(Qwen2Config(vocab_size=30, hidden_size=32, intermediate_size=64,
                                       num_hidden_layers=2, num_attention_heads=4,
                                       num_key_value_heads=2)).eval()
     emb, mask = torch.randn(16, 5, 32), torch.ones(16, 5, dtype=torch.long)
     mask[::3, :2] = 0
+    if group > 1:
+        emb, mask = emb[:4], mask[:4]
+        if shared:
+            kw["group"] = group
+        else:
+            emb, mask = emb.repeat_interleave(group, 0), mask.repeat_interleave(group, 0)
     with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
         return sample(lm, emb, mask, max_new_tokens=12, eos_id=29, temperature=1.3, top_k=12, top_p=0.95,
                       generator=torch.Generator().manual_seed(7), vocab=(10, 30), **kw)
@@ -258,6 +266,16 @@ def test_fixed_shape_decode_step_equals_the_static_cache(autocast):
     assert len(set(l1.tolist())) > 1  # eos at different steps
     tol = 2e-2 if autocast else 1e-5
     torch.testing.assert_close(p1, p2, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("path", [dict(), dict(cuda_graph=True), dict(static_cache=False)])
+def test_each_prompt_is_prefilled_once_for_its_group(path):
+    """sample(..., group=G) runs each prompt once and copies its keys/values to its G rows:
+    the same draws and log-probs as passing every prompt G times, on each sampler path."""
+    (t1, l1, p1), (t2, l2, p2) = _draws(group=4, **path), _draws(group=4, shared=True, **path)
+    assert t1.shape == (16, 12) and t1.tolist() == t2.tolist() and l1.tolist() == l2.tolist()
+    assert len({tuple(r) for r in t1[:4].tolist()}) > 1  # a group's rows draw apart
+    torch.testing.assert_close(p1, p2, rtol=1e-5, atol=1e-5)
 
 
 def test_static_cache_only_for_layouts_it_computes_exactly():

@@ -7,7 +7,10 @@ same model, prompts, batch, length and sampling settings, side by side in one ru
 Two model shapes, random weights from configs: the toy TTS LM (hidden 256, 4 layers) and
 Qwen2.5-0.5B (hidden 896, 24 layers, V = 151,936). Prompts are left-padded input
 embeddings, as the scripts use them; sampling at T = 1 with no top-k/top-p; no token
-ends a sequence early, so both produce B x new tokens. A third column ("dyn.") runs our
+ends a sequence early, so both produce B x new tokens. B rows are B / G prompts with G
+samples each (`--g`, GRPO's group; default 8): ours prefills each prompt once
+(`group=G`), HF `generate` gets `num_return_sequences=G` (it expands the prompts before
+its prefill); `--g 1` gives B distinct prompts. A third column ("dyn.") runs our
 loop on the model's own forward and growing cache (`static_cache=False`), to show what the
 static cache changes. On CUDA a fourth ("graph") replays each decode step as a CUDA graph
 (`cuda_graph=True`). The last line is one JSON object.
@@ -46,27 +49,29 @@ def timed(fn, device: str, reps: int) -> float:
     return (time.perf_counter() - t0) / reps
 
 
-def bench(name: str, b: int, prompt: int, new: int, device: str, dtype: torch.dtype, reps: int) -> dict:
+def bench(name: str, b: int, prompt: int, new: int, device: str, dtype: torch.dtype, reps: int,
+          g: int = 1) -> dict:
     torch.manual_seed(0)
     lm = Qwen2ForCausalLM(Qwen2Config(**SHAPES[name])).to(device, dtype).eval()
     d = lm.config.hidden_size
-    emb = torch.randn(b, prompt, d, device=device, dtype=dtype) * 0.02
-    mask = torch.ones(b, prompt, dtype=torch.long, device=device)
-    mask[::2, : prompt // 4] = 0  # every other row left-padded by a quarter
+    emb = torch.randn(b // g, prompt, d, device=device, dtype=dtype) * 0.02  # b // g prompts, g samples each
+    mask = torch.ones(b // g, prompt, dtype=torch.long, device=device)
+    mask[::2, : prompt // 4] = 0  # every other prompt left-padded by a quarter
     never = lm.config.vocab_size  # an id the model cannot emit: every row runs to `new` tokens
 
     def ours():
-        sample(lm, emb, mask, new, eos_id=never, temperature=1.0)
+        sample(lm, emb, mask, new, eos_id=never, temperature=1.0, group=g)
 
     def ours_dynamic():  # the same loop on the model's own forward and growing cache
-        sample(lm, emb, mask, new, eos_id=never, temperature=1.0, static_cache=False)
+        sample(lm, emb, mask, new, eos_id=never, temperature=1.0, static_cache=False, group=g)
 
     def hf():
         lm.generate(inputs_embeds=emb, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
-                    do_sample=True, temperature=1.0, top_k=0, top_p=1.0, eos_token_id=None, pad_token_id=0)
+                    do_sample=True, temperature=1.0, top_k=0, top_p=1.0, eos_token_id=None, pad_token_id=0,
+                    num_return_sequences=g)
 
     def ours_graph():  # each decode step replayed as a CUDA graph
-        sample(lm, emb, mask, new, eos_id=never, temperature=1.0, cuda_graph=True)
+        sample(lm, emb, mask, new, eos_id=never, temperature=1.0, cuda_graph=True, group=g)
 
     with torch.no_grad():
         t_ours, t_dyn = timed(ours, device, reps), timed(ours_dynamic, device, reps)
@@ -77,7 +82,7 @@ def bench(name: str, b: int, prompt: int, new: int, device: str, dtype: torch.dt
         "graph_s": round(t_graph, 4), "graph_tok_s": round(toks / t_graph, 1),
         "graph_step_ms": round(1e3 * t_graph / new, 3), "hf_step_ms": round(1e3 * t_hf / new, 3),
         "speedup_graph": round(t_hf / t_graph, 3)}
-    return {**graph, "shape": name, "b": b, "prompt": prompt, "new": new, "ours_s": round(t_ours, 4),
+    return {**graph, "shape": name, "b": b, "g": g, "prompt": prompt, "new": new, "ours_s": round(t_ours, 4),
             "dynamic_s": round(t_dyn, 4), "hf_s": round(t_hf, 4), "tok_s": round(toks / t_ours, 1),
             "hf_tok_s": round(toks / t_hf, 1), "speedup": round(t_hf / t_ours, 3),
             "speedup_vs_dynamic": round(t_dyn / t_ours, 3)}
@@ -88,6 +93,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="CPU-sized run")
     p.add_argument("--new", type=int, default=0, help="new tokens per sequence (0 = by device)")
     p.add_argument("--reps", type=int, default=0, help="timed repetitions (0 = by device)")
+    p.add_argument("--g", type=int, default=8, help="samples per prompt (GRPO's G; B / G prompts)")
     a = p.parse_args()
     device = "cuda" if torch.cuda.is_available() and not a.quick else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -96,9 +102,9 @@ def main() -> None:
     else:
         runs = [("tts", 64, 32, a.new or 48), ("qwen2.5-0.5b", 8, 32, a.new or 24)]
     reps = a.reps or (3 if device == "cuda" else 2)
-    rows = [bench(n, b, pr, nw, device, dtype, reps) for n, b, pr, nw in runs]
+    rows = [bench(n, b, pr, nw, device, dtype, reps, a.g) for n, b, pr, nw in runs]
     where = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"rollout, sampling T=1, {dtype} on {where}")
+    print(f"rollout, sampling T=1, {dtype} on {where}, G = {a.g} samples per prompt")
     print(f"{'shape':14s} {'B':>4s} {'prompt':>6s} {'new':>4s} {'ours s':>8s} {'dyn. s':>8s} {'HF s':>8s} "
           f"{'ours tok/s':>11s} {'HF tok/s':>9s} {'speedup':>8s}")
     for r in rows:

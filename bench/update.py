@@ -26,12 +26,11 @@ import random
 import statistics
 import subprocess
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.vs_trl import peak_mb, start_peak  # noqa: E402
+from bench.vs_trl import peak_mb, start_peak, step_times  # noqa: E402
 from common.logprob import token_logprobs  # noqa: E402
 from common.tts import build_toy_tts  # noqa: E402
 
@@ -69,15 +68,7 @@ def run(a: argparse.Namespace) -> dict:
 
     step()  # warm-up
     watch = start_peak(a.device)
-    times = []
-    for _ in range(a.steps):
-        if a.device == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        step()
-        if a.device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
+    times = step_times(step, a.device, a.steps)
     return {"s": statistics.median(times), "peak_mb": peak_mb(a.device, watch)}
 
 

@@ -91,6 +91,20 @@ def peak_mb(device: str, watch) -> float:
     return watch.growth()
 
 
+def step_times(step, device: str, n: int) -> list[float]:
+    """Seconds of each of n calls of step() (synchronised on CUDA)."""
+    times = []
+    for _ in range(n):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
 def setup(a: argparse.Namespace, device: str):
     """The model (random weights, seed 0, no dropout) and the B prompts, the same for both."""
     lm = build_toy_tts(WORDS, K, dropout=0.0, seed=0).to(device)
@@ -137,15 +151,7 @@ def run_ours(a: argparse.Namespace) -> dict:
         opt.step()
 
     watch = start_peak(a.device)
-    times = []
-    for _ in range(1 + a.steps):
-        if a.device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step()
-        if a.device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+    times = step_times(step, a.device, 1 + a.steps)
     return {"variant": "ours", "step_s": statistics.median(times[1:]), "steps_s": times,
             "peak_mb": peak_mb(a.device, watch)}
 

@@ -615,7 +615,6 @@ def sample(lm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Ten
     n, dev = nb * group, inputs_embeds.device
     pos_b = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, P]
     mask_b, attention_mask = attention_mask, attention_mask.repeat_interleave(group, 0)  # [B, P], [N, P]
-    pos = pos_b.repeat_interleave(group, 0)  # [N, P]
     m = static_cache_decoder(lm) if static_cache else None
     if m is not None:
         head = lm.get_output_embeddings()
@@ -646,7 +645,7 @@ def sample(lm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Ten
         if group > 1:
             cache.batch_repeat_interleave(group)
         step = None
-    next_pos = pos[:, -1:] + 1  # [N, 1]
+    next_pos = pos_b[:, -1:].repeat_interleave(group, 0) + 1  # [N, 1]
     tokens, logps = [], []
     done = torch.zeros(n, dtype=torch.bool, device=dev)
     lengths = torch.full((n,), max_new_tokens, dtype=torch.long, device=dev)

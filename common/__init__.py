@@ -58,6 +58,17 @@ def parse_args(cls, argv: list[str] | None = None):
     return cls(**ns)
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 matmuls natively (the avx512_bf16 flag; AMX CPUs have
+    it too). Without it bf16 autocast is emulated and far slower than fp32: 10x for a
+    [4096, 256] x [256, 1024] matmul on an AVX2-only AMD EPYC. Linux only; False elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return any(line.startswith("flags") and "avx512_bf16" in line.split() for line in fh)
+    except OSError:
+        return False
+
+
 def peak_mem_mb(device: str) -> float:
     """Peak memory of this process so far: CUDA allocations, or on CPU the peak RSS."""
     if device.startswith("cuda"):

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm import tqdm
 
-from common import parse_args, peak_mem_mb, plot_curves
+from common import changed_flags, parse_args, peak_mem_mb, plot_curves
 from common.data import (
     Skips,
     Utt,
@@ -33,7 +33,7 @@ from common.data import (
     load_audio_items,
     normalize,
     read_data,
-    set_name,
+    set_names,
 )
 from common.logprob import token_logprobs
 from common.models import SpeechLLM, collate, load_qwen2_audio, sample, transcribe
@@ -402,7 +402,8 @@ def main(a: Args) -> dict:
     else:
         model = SpeechLLM.load(a.init, a.device)
     skips = Skips()
-    tests = {set_name(p): featurize(model, p, skips, a) for p in a.test_data}
+    tests = {n: featurize(model, p, skips, a)
+             for n, p in zip(set_names(a.test_data), a.test_data, strict=True)}
     lexicon = set(KEYWORDS) if toy else {w for u, _ in tests.values() for x in u for k in x.keywords
                                          for w in k.split()}
     if a.eval_only:
@@ -440,6 +441,9 @@ def main(a: Args) -> dict:
     start = 1
     if resuming:  # continue exactly where the last dev evaluation left off
         ck = torch.load(state_path, weights_only=False)
+        if changed := changed_flags(ck.get("args", {}), a):  # states before this check have none
+            raise SystemExit(f"{state_path}: that run was started with other flags ({', '.join(changed)}); "
+                             "give a new --out_dir, or --resume false to start over")
         model.lm.load_state_dict(SpeechLLM.load(os.path.join(a.out_dir, "last"), a.device).lm.state_dict())
         opt.load_state_dict(ck["opt"])
         gen.set_state(ck["gen"])
@@ -452,7 +456,7 @@ def main(a: Args) -> dict:
     def save_last(step: int) -> None:  # model, then the loop state inside it
         model.save(os.path.join(a.out_dir, "last"))
         torch.save({"opt": opt.state_dict(), "gen": gen.get_state(), "random": random.getstate(),
-                    "step": step, "best_wer": best_wer, "dev_log": dev_log, "log": log},
+                    "step": step, "best_wer": best_wer, "dev_log": dev_log, "log": log, "args": asdict(a)},
                    state_path + ".tmp")
         os.replace(state_path + ".tmp", state_path)
 

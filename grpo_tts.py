@@ -6,7 +6,8 @@
 Each step (SPEC F1): the policy samples G speech-token sequences for each of B texts (with a
 same-voice prompt, CosyVoice 2 layout) -> token2wav -> frozen judges score the audio (T1
 reward ASR, T2 duration, T3 diversity, T4 speaker similarity) -> group-normalised
-advantages -> clipped surrogate with a k3 KL to the SFT reference -> one AdamW update.
+advantages -> clipped surrogate with a k3 KL to the SFT reference -> AdamW (μ updates, one
+by default).
 """
 from __future__ import annotations
 
@@ -23,9 +24,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm import tqdm
 
-from common import cached_json, parse_args, peak_mem_mb, plot_curves, stamp
+from common import cached_json, changed_flags, parse_args, peak_mem_mb, plot_curves, stamp
 from common.audio import f0, load_audio, log_mel, write_wav
-from common.data import Skips, Utt, corpus_error, error_rate, read_data, set_name
+from common.data import Skips, Utt, corpus_error, error_rate, read_data, set_names
 from common.logprob import token_logprobs
 from common.models import sample
 from common.toy import cache_root
@@ -49,9 +50,9 @@ class Args:
     data: str = ""
     """RL texts: a manifest with key, text, speaker and audio (or prompt_audio); empty = toy rl split"""
     dev_data: str = ""
-    """dev manifest (the best checkpoint is chosen on its eval-ASR CER); empty = toy dev"""
+    """dev manifest (the best checkpoint is chosen on its eval-ASR CER); empty = toy dev (toy runs only)"""
     test_data: list[str] = field(default_factory=list)
-    """test manifests (repeatable); empty = toy test-seen and test-unseen"""
+    """test manifests (repeatable); empty = toy test-seen and test-unseen (toy runs only)"""
     init: str = ""
     """TTS LM checkpoint (a folder from common.tts.save_module); empty = the toy SFT model"""
     out_dir: str = "runs/grpo_tts"
@@ -59,7 +60,7 @@ class Args:
     eval_only: bool = False
     """only synthesise --test_data with --init and write out_dir/audio and summary.json"""
     prompt_audio: str = ""
-    """default prompt voice for lines with no speaker peer or prompt_audio; empty = first toy dev utterance"""
+    """default prompt voice for lines with no speaker peer or prompt_audio; empty = the first toy dev line"""
     prompt_text: str = ""
     """transcript of --prompt_audio"""
     # --- the frozen pieces (empty = the toy world's) ---
@@ -102,6 +103,8 @@ class Args:
     """advantage scaling (Eq. G3): group | batch | none (Dr.GRPO)"""
     loss_agg: str = "grpo"
     """loss aggregation (Eq. G6): grpo | dapo | dr_grpo"""
+    drop_zero_std: bool = False
+    """leave groups whose rewards are all equal out of the loss (DAPO's dynamic sampling, simplified)"""
     # --- rewards (SPEC §3), r = sum_k w_k R_k (Eq. G2) ---
     w_acc: float = 1.0
     """weight of T1, 1 - CER of the reward ASR (clipped to [0, 1])"""
@@ -131,7 +134,7 @@ class Args:
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     """cpu or cuda"""
     bf16: bool = torch.cuda.is_available()
-    """bf16 autocast for the policy and the judges on CUDA"""
+    """bf16 autocast in the update and the reward judges (default on CUDA; slow where a CPU emulates it)"""
     resume: bool = True
     """continue from out_dir/last (saved at every dev evaluation) if it exists"""
 
@@ -195,9 +198,9 @@ def conditions(path: str, lm: TTSLM, tok: SpeechTokenizer | SemanticTokenizer, s
 # ------------------------------------------------------------------ synthesis and judges
 @torch.no_grad()
 def synthesize(lm: TTSLM, conds: list[Cond], a: Args, temperature: float, gen=None, repeat: int = 1):
-    """Sample `repeat` outputs per condition (rows cond-major). Returns the outputs o_i as
-    out-slice ids (speech tokens 0..K-1, eos = K; eos included when it came) and whether
-    each ended with eos."""
+    """Sample `repeat` outputs per condition (group-major: its rows are adjacent). Returns
+    the outputs o_i as out-slice ids (speech tokens 0..K-1, eos = K; eos included when it
+    came) and whether each ended with eos."""
     seqs, ended = [], []
     for s in range(0, len(conds), 64 // repeat or 1):
         ids, mask, _, _, _ = lm.batch([c.prompt_ids for c in conds[s : s + 64 // repeat or 1]])
@@ -286,13 +289,13 @@ def group_rewards(text: str, outs: list[list[int]], ended: list[bool], hyps: lis
     active = ["acc", "dur"] + ["div"] * bool(a.w_div) + ["sim"] * (sims is not None)
     terms = [{**{k: FLOOR[k] for k in active}, "fail": 1.0} for _ in outs]
     dur = reward_duration([len(outs[i]) - 1 for i in valid]) if valid else []  # eos excluded
-    if a.w_div:
-        tok_div = token_diversity(outs)
+    if a.w_div:  # among the outputs that count, speech tokens only (each ends with eos)
+        tok_div = token_diversity([outs[i][:-1] for i in valid])
         wavs = mel_to_wav([mels[i] for i in valid])  # Griffin-Lim only where T3 needs pitch
     for j, i in enumerate(valid):
         t = {"acc": reward_accuracy(text, hyps[i]), "dur": dur[j], "fail": 0.0}  # Eqs. T1, T2
         if a.w_div:  # Eq. T3: token + pitch diversity, each in [0, 1]
-            t["div"] = 0.5 * (tok_div[i] + pitch_diversity(wavs[j], a.pitch_scale))
+            t["div"] = 0.5 * (tok_div[j] + pitch_diversity(wavs[j], a.pitch_scale))
         if sims is not None:  # Eq. T4
             t["sim"] = sims[i]
         terms[i] = t
@@ -342,7 +345,7 @@ def grpo_loss(lp: torch.Tensor, lp_old: torch.Tensor, lp_ref: torch.Tensor | Non
     elif a.loss_agg == "dapo":  # Σ_{i,t} J / Σ_i |o_i|
         obj = (J * m).sum() / m.sum().clamp(min=1)
     elif a.loss_agg == "dr_grpo":  # Σ_{i,t} J / (B·G·L_max)
-        obj = (J * m).sum() / (J.shape[0] * (a.max_new_tokens + 1))
+        obj = (J * m).sum() / (J.shape[0] * a.max_new_tokens)  # eos counts within max_new_tokens
     else:
         raise ValueError(f"--loss_agg must be grpo, dapo or dr_grpo, not {a.loss_agg!r}")
     tok = m.sum().clamp(min=1)
@@ -351,17 +354,18 @@ def grpo_loss(lp: torch.Tensor, lp_old: torch.Tensor, lp_ref: torch.Tensor | Non
     high = ((ratio > 1 + a.eps_high) & (A > 0)).float()
     stats = {"kl": float((kl * m).sum() / tok), "clip_ratio/low_mean": float((low * m).sum() / tok),
              "clip_ratio/high_mean": float((high * m).sum() / tok)}
+    stats["clip_ratio/region_mean"] = stats["clip_ratio/low_mean"] + stats["clip_ratio/high_mean"]
     return -obj, stats
 
 
 def sequence_logprobs(lm: TTSLM, net: torch.nn.Module, prompts: list[list[int]], outs: list[list[int]],
                       a: Args) -> tuple[torch.Tensor, torch.Tensor]:
     """ℓ_{i,t} = log π(o_{i,t} | x, o_{i,<t}) from `net` (policy or reference LM), teacher-
-    forced through the fused kernel (SPEC F2) over the output slice (speech tokens + eos),
-    exactly the distribution the sampler drew from. `prompts` has one entry per group and
-    `outs` is group-major; each prompt is run once and shared by its G outputs. Returns lp,
-    entropy [N, L], 0 where padded."""
-    with torch.autocast(a.device, torch.bfloat16, enabled=a.bf16):
+    forced through the fused kernel (SPEC F2) over the output slice (speech tokens + eos):
+    the distribution the sampler drew from at T = 1 without top-k/top-p. `prompts` has one
+    entry per group and `outs` is group-major; each prompt is run once and shared by its G
+    outputs. Returns lp, entropy [N, L], 0 where padded."""
+    with torch.autocast(torch.device(a.device).type, torch.bfloat16, enabled=a.bf16):
         hid = lm.output_hidden(net, prompts, outs)  # [Σ|o_i|, d]; the prompt is never a target
     y = torch.tensor([t for o in outs for t in o], dtype=torch.long, device=hid.device)
     lp, ent = token_logprobs(hid, lm.head(net), y, with_entropy=True)  # [Σ|o_i|]
@@ -403,8 +407,11 @@ def evaluate(lm: TTSLM, conds: list[Cond], judges: dict, a: Args, wav_dir: str |
 
 
 def resynth_cer(conds: list[Cond], judges: dict) -> dict[str, float]:
-    """The floor: the evaluation ASR on real audio, and on token2wav(tokens of real audio)."""
+    """The floor: the evaluation ASR on real audio, and on token2wav(tokens of real audio);
+    None for a set without audio."""
     cs = [c for c in conds if c.utt.audio]
+    if not cs:  # a text-only set has no floor
+        return {"real": None, "resynth": None}
     real_wav = [load_audio(c.utt.audio) for c in cs]
     real = [log_mel(w) for w in real_wav]
     fake_wav = mel_to_wav(judges["t2m"].mel(judges["tok"].encode_batch(real), [c.prompt_mel for c in cs]))
@@ -475,9 +482,11 @@ def main(a: Args) -> dict:
               "eval_asr": load_judge(a.eval_asr, a.device),
               "spk": load_module(a.speaker_model, a.device)}
     skips = Skips()
-    tests = {set_name(p): conditions(p, lm, judges["tok"], skips, a) for p in a.test_data}
+    tests = {n: conditions(p, lm, judges["tok"], skips, a)
+             for n, p in zip(set_names(a.test_data), a.test_data, strict=True)}
     if a.eval_only:
-        res = {name: evaluate(lm, c, judges, a, os.path.join(a.out_dir, "audio"))
+        one = len(tests) == 1  # one set: audio/<key>.wav; several: audio/<set>/<key>.wav
+        res = {name: evaluate(lm, c, judges, a, os.path.join(a.out_dir, "audio", "" if one else name))
                for name, c in tests.items()}
         with open(os.path.join(a.out_dir, "summary.json"), "w") as fh:
             json.dump({"init": a.init, "test": res, "skipped": skips.as_dict()}, fh, indent=1)
@@ -528,6 +537,9 @@ def main(a: Args) -> dict:
     start = 1
     if resuming:  # continue exactly where the last dev evaluation left off
         ck = torch.load(state_path, weights_only=False)
+        if changed := changed_flags(ck.get("args", {}), a):  # states before this check have none
+            raise SystemExit(f"{state_path}: that run was started with other flags ({', '.join(changed)}); "
+                             "give a new --out_dir, or --resume false to start over")
         lm.lm.load_state_dict(load_module(os.path.join(a.out_dir, "last")).lm.state_dict())
         opt.load_state_dict(ck["opt"])
         gen.set_state(ck["gen"])
@@ -540,7 +552,8 @@ def main(a: Args) -> dict:
     def save_last(step: int) -> None:  # model, then the loop state inside it
         save_module(lm, os.path.join(a.out_dir, "last"))
         torch.save({"opt": opt.state_dict(), "gen": gen.get_state(), "random": random.getstate(),
-                    "step": step, "best_cer": best_cer, "dev_log": dev_log, "log": log}, state_path + ".tmp")
+                    "step": step, "best_cer": best_cer, "dev_log": dev_log, "log": log, "args": asdict(a)},
+                   state_path + ".tmp")
         os.replace(state_path + ".tmp", state_path)
 
     bar = tqdm(range(start, a.steps + 1), desc="grpo_tts", initial=start - 1, total=a.steps)
@@ -551,10 +564,9 @@ def main(a: Args) -> dict:
         # 1. Rollout: G samples per text from π_old = π_θ (Eq. G1).
         t0 = time.time()
         outs, ended = synthesize(lm, batch, a, a.temperature, gen, repeat=G)  # B*G outputs o_i
-        prompts = [c.prompt_ids for c in batch]  # one per group; its G outputs share it
         t_sample = time.time() - t0
         # 2. Frozen judges on token2wav's output, batched, no grad (SPEC F1), then rewards (Eq. G2).
-        with torch.no_grad(), torch.autocast(a.device, torch.bfloat16, enabled=a.bf16):
+        with torch.no_grad(), torch.autocast(torch.device(a.device).type, torch.bfloat16, enabled=a.bf16):
             voices = [c.prompt_mel for c in batch for _ in range(G)]  # the prompt's voice, for token2mel
             mels = judge_mels(judges["t2m"], outs, lm.n_speech, voices)
             hyps = transcribe(judges["reward_asr"], mels, a.reward_on == "wav")
@@ -571,46 +583,55 @@ def main(a: Args) -> dict:
             g = slice(b * G, (b + 1) * G)
             terms += group_rewards(c.utt.text, outs[g], ended[g], hyps[g], mels[g],
                                    sims[g] if sims is not None else None, a)
-        r = torch.tensor([total_reward(t, a) for t in terms]).view(B, G)  # [B, G]
+        r = torch.tensor([total_reward(t, a) for t in terms]).view(-1, G)  # [B, G]
         for i in torch.nonzero(~torch.isfinite(r.flatten())).flatten().tolist():  # named, counted
             skips.warn(batch[i // G].utt.src, "non-finite reward (advantage 0)", f"sample {i % G}")
         t_reward = time.time() - t0 - t_sample
         # 3. Advantages (Eq. G3); all-equal groups give Â = 0 and are counted.
         adv, zero_std = group_advantages(r, a.scale)  # [B, G], [B]
-        A = adv.flatten().to(a.device)  # [N]
-        lmask = torch.arange(max(map(len, outs)), device=a.device)[None] < \
-            torch.tensor([len(o) for o in outs], device=a.device)[:, None]  # [N, L]
+        groups = torch.arange(len(batch))  # the update reads whole groups, each prompt once
+        if a.drop_zero_std:
+            groups = groups[~zero_std]
+        rows = (groups[:, None] * G + torch.arange(G)).flatten()  # their samples, group-major
+        stats: dict[str, float] = {}
         t1 = time.time()
-        with torch.no_grad():  # ℓ(old) once, right after sampling (Eq. G7); ℓ(ref) for Eq. G5
-            # μ = 1: π_old is π_θ itself (the policy runs in eval mode, no dropout), so ℓ(old) = ℓ.detach()
-            # below, with no extra forward pass
-            lp_old = sequence_logprobs(lm, lm.lm, prompts, outs, a)[0] if a.mu > 1 else None  # [N, L]
-            lp_ref = sequence_logprobs(lm, ref, prompts, outs, a)[0] if ref is not None else None
-        for _ in range(a.mu):  # μ inner updates on one rollout (Eq. G7)
-            lp, ent = sequence_logprobs(lm, lm.lm, prompts, outs, a)  # [N, L]
-            loss, stats = grpo_loss(lp, lp.detach() if lp_old is None else lp_old, lp_ref, A, lmask, a)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
-            opt.step()
+        if len(rows) > 0:
+            prompts = [batch[b].prompt_ids for b in groups]  # one per group; its G outputs share it
+            keep = [outs[i] for i in rows]
+            A = adv.flatten()[rows].to(a.device)  # [N]
+            lmask = torch.arange(max(map(len, keep)), device=a.device)[None] < \
+                torch.tensor([len(o) for o in keep], device=a.device)[:, None]  # [N, L]
+            with torch.no_grad():  # ℓ(old) once, right after sampling (Eq. G7); ℓ(ref) for Eq. G5
+                # μ = 1: π_old is π_θ itself (the policy runs in eval mode, no dropout), so ℓ(old) =
+                # ℓ.detach() below, with no extra forward pass
+                lp_old = sequence_logprobs(lm, lm.lm, prompts, keep, a)[0] if a.mu > 1 else None  # [N, L]
+                lp_ref = sequence_logprobs(lm, ref, prompts, keep, a)[0] if ref is not None else None
+            for _ in range(a.mu):  # μ inner updates on one rollout (Eq. G7)
+                lp, ent = sequence_logprobs(lm, lm.lm, prompts, keep, a)  # [N, L]
+                loss, stats = grpo_loss(lp, lp.detach() if lp_old is None else lp_old, lp_ref, A, lmask, a)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
+                opt.step()
+            stats["loss"] = loss.item()
+            stats["entropy"] = float((ent.detach() * lmask).sum() / lmask.sum())
         t_update = time.time() - t1
         n_tok = sum(map(len, outs))
         means = {f"rewards/{k}/mean": sum(t[k] for t in terms if k in t) / max(sum(k in t for t in terms), 1)
                  for k in sorted({k for t in terms for k in t})}
         rec = {"step": step, "reward": float(r.nanmean()), "reward_std": float(r.std(1).nanmean()), **means,
-               "frac_reward_zero_std": float(zero_std.float().mean()), **stats, "loss": loss.item(),
-               "entropy": float((ent.detach() * lmask).sum() / lmask.sum()),
+               "frac_reward_zero_std": float(zero_std.float().mean()), **stats,
                "completions/mean_length": n_tok / len(outs), "completions/min_length": min(map(len, outs)),
                "completions/max_length": max(map(len, outs)),
                "completions/clipped_ratio": 1 - sum(ended) / len(ended),
                "sampling_tok_s": n_tok / max(t_sample, 1e-9), "reward_s": t_reward,
-               "update_tok_s": a.mu * n_tok / max(t_update, 1e-9),
+               "update_tok_s": a.mu * sum(len(outs[i]) for i in rows) / max(t_update, 1e-9),
                "peak_mem_mb": peak_mem_mb(a.device), "time_s": time.time() - t_start}
         log.append(rec)
         with open(os.path.join(a.out_dir, "metrics.jsonl"), "a" if log[:-1] else "w") as fh:
             fh.write(json.dumps(rec) + "\n")
         bar.set_postfix(reward=f"{rec['reward']:.3f}", cer=f"{1 - rec['rewards/acc/mean']:.3f}",
-                        kl=f"{rec['kl']:.4f}", zero_std=f"{rec['frac_reward_zero_std']:.2f}")
+                        kl=f"{rec.get('kl', 0):.4f}", zero_std=f"{rec['frac_reward_zero_std']:.2f}")
         if step % a.audio_every == 0 or step == a.steps:
             evaluate(lm, fixed, judges, a, os.path.join(a.out_dir, "audio", f"step_{step:04d}"))
         if step % a.eval_every == 0 or step == a.steps:  # keep the best dev checkpoint
@@ -631,10 +652,11 @@ def main(a: Args) -> dict:
     with open(os.path.join(a.out_dir, "summary.json"), "w") as fh:
         json.dump(summary, fh, indent=1)
     plot(a.out_dir, log, dev_log)
+    num = lambda x: "-" if x is None else f"{x:.3f}"  # a text-only set has no floor or duration ratio
     for name in before:
         b, f = before[name], after[name]
-        print(f"{name:12s} CER {b['cer']:.4f} -> {f['cer']:.4f} (floor {floor[name]['resynth']:.4f})  "
-              f"SIM {b['sim']:.3f} -> {f['sim']:.3f}  dur {b['dur_ratio']:.3f} -> {f['dur_ratio']:.3f}  "
+        print(f"{name:12s} CER {b['cer']:.4f} -> {f['cer']:.4f} (floor {num(floor[name]['resynth'])})  "
+              f"SIM {b['sim']:.3f} -> {f['sim']:.3f}  dur {num(b['dur_ratio'])} -> {num(f['dur_ratio'])}  "
               f"no-eos {b['no_eos']:.3f} -> {f['no_eos']:.3f}")
     return summary
 

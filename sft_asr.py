@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import parse_args
-from common.data import Skips, corpus_error, length_batches, load_audio_items, read_data, set_name
+from common.data import Skips, corpus_error, length_batches, load_audio_items, read_data, set_names
 from common.logprob import token_logprobs
 from common.models import SpeechLLM, build_toy_asr, collate, load_qwen2_audio, load_real_asr, transcribe
 from common.toy import build_toy_world, cache_root, vocabulary
@@ -210,9 +210,9 @@ def main(a: Args) -> dict:
         f.writelines(json.dumps(r) + "\n" for r in st["curve"])
     best = SpeechLLM.load(os.path.join(a.out_dir, "best"), a.device)
     results = {"dev": evaluate(best, dev_utts, dev_feats, a.max_new_tokens)}
-    for path in a.test_data:
+    for name, path in zip(set_names(a.test_data), a.test_data, strict=True):
         utts, feats = featurize(best, path, skips, a.max_seconds)
-        results[set_name(path)] = evaluate(best, utts, feats, a.max_new_tokens)
+        results[name] = evaluate(best, utts, feats, a.max_new_tokens)
     summary = {"best": os.path.join(a.out_dir, "best"), "steps": st["step"],
                "train_minutes": round(st["elapsed"] / 60, 2), "results": results,
                "skipped": skips.as_dict(), "args": asdict(a)}

@@ -58,6 +58,17 @@ def parse_args(cls, argv: list[str] | None = None):
     return cls(**ns)
 
 
+RESUMABLE = ("steps", "out_dir", "resume", "threads", "eval_every", "audio_every", "n_audio")
+
+
+def changed_flags(saved: dict, a) -> list[str]:
+    """The flags of `a` that differ from those its run was started with (`saved`, its Args as a
+    dict), apart from RESUMABLE ones (more steps, bookkeeping): resuming with any other would
+    not continue that run."""
+    return [f"--{k} {v!r} -> {getattr(a, k)!r}" for k, v in saved.items()
+            if k not in RESUMABLE and hasattr(a, k) and getattr(a, k) != v]
+
+
 def cpu_has_bf16() -> bool:
     """Whether this CPU computes bf16 matmuls natively (the avx512_bf16 flag; AMX CPUs have
     it too). Without it bf16 autocast is emulated and far slower than fp32: 10x for a

@@ -236,6 +236,16 @@ def set_name(path: str) -> str:
     return folder or os.path.splitext(os.path.basename(path))[0]
 
 
+def set_names(paths: list[str]) -> list[str]:
+    """One distinct name per manifest: set_name, or the file stem where folders repeat
+    (data/a.jsonl, data/b.jsonl -> a, b), numbered if that repeats too. Results are keyed
+    by these names, so two sets must never share one."""
+    names = [set_name(p) for p in paths]
+    names = [os.path.splitext(os.path.basename(p))[0] if names.count(n) > 1 else n
+             for p, n in zip(paths, names, strict=True)]
+    return [f"{n}-{names[:i].count(n) + 1}" if names.count(n) > 1 else n for i, n in enumerate(names)]
+
+
 def load_audio_items(utts: list[Utt], skips: Skips, max_seconds: float,
                      progress: bool = False) -> list[tuple[Utt, torch.Tensor]]:
     """Read each utterance's audio (16 kHz mono); bad audio is skipped and counted."""

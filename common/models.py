@@ -195,9 +195,8 @@ def prefix_shared_hidden(base: nn.Module, p_emb: torch.Tensor, p_mask: torch.Ten
         hc = base(input_ids=ids, attention_mask=torch.cat([p_mask.repeat_interleave(G, 0), mask], 1),
                   position_ids=pos, **{kw: cache}).last_hidden_state  # [N, L, d]
         h = torch.cat([h, hc], 1)  # [N, 1+L, d]
-    idx = torch.tensor([i * h.shape[1] + t for i, o in enumerate(outputs) for t in range(len(o))],
-                       dtype=torch.long, device=dev)
-    return h.flatten(0, 1)[idx]  # [Σ|o_i|, d]
+    lens = torch.tensor([len(o) for o in outputs], device=dev)
+    return h[torch.arange(h.shape[1], device=dev) < lens[:, None]]  # [Σ|o_i|, d], row by row
 
 
 class SpeechLLM(nn.Module):

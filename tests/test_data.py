@@ -126,3 +126,11 @@ def test_length_batches():
     assert sorted(i for x in b for i in x) == list(range(7))
     shuffled = length_batches(lengths, max_items=2, seed=1)
     assert sorted(map(tuple, shuffled)) == sorted(map(tuple, length_batches(lengths, 2, shuffle=False)))
+
+
+def test_set_names_are_distinct():
+    from common.data import set_names
+
+    assert set_names(["w/seen/manifest.jsonl", "w/unseen/manifest.jsonl"]) == ["seen", "unseen"]
+    assert set_names(["data/a.jsonl", "data/b.jsonl", "other/c.jsonl"]) == ["a", "b", "other"]
+    assert set_names(["x/d/m.jsonl", "y/d/m.jsonl"]) == ["m-1", "m-2"]

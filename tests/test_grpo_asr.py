@@ -243,6 +243,8 @@ def test_resume_continues_exactly(tiny, tmp_path):
     ra = [json.loads(x)["reward"] for x in open(tmp_path / "a" / "metrics.jsonl")]
     rb = [json.loads(x)["reward"] for x in open(tmp_path / "b" / "metrics.jsonl")]
     assert ra == rb and len(ra) == 4
+    with pytest.raises(SystemExit, match=r"--lr 0.01 -> 0.001"):  # another run's flags: refused, named
+        g.main(_run_args(tiny, tmp_path / "b", steps=6, eval_every=2, lr=1e-3))
 
 
 def test_options_run_end_to_end(tiny, tmp_path):

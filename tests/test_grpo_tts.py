@@ -72,6 +72,16 @@ def test_group_rewards_edge_cases():
     assert g.total_reward(terms[1], A(w_dur=1.0, w_sim=0.5)) == pytest.approx(-1.5)  # the floor
 
 
+def test_diversity_counts_only_the_valid_outputs_speech_tokens():
+    """T3's token term compares an output with the others that count (eos and audio), on
+    speech tokens only: a runaway sample must not make its group look diverse."""
+    K = 10
+    outs = [[1, 2, K], [1, 3, K], [1, 2, 3]]  # the third has no eos
+    mels = [torch.full((8, 80), -20.0)] * 3  # 8 frames: too short for F0, so pitch diversity is 0
+    terms = g.group_rewards("one", outs, [True, True, False], ["one"] * 3, mels, None, A(w_div=1.0))
+    assert [t["div"] for t in terms] == pytest.approx([0.25, 0.25, 0.0])  # (1 edit / 2 tokens + 0) / 2
+
+
 def test_identical_group_gets_zero_advantage():
     terms = g.group_rewards("one", [[1, 10]] * 4, [True] * 4, ["one"] * 4, [torch.zeros(4, 80)] * 4, None,
                             A(w_dur=1.0))
@@ -85,7 +95,7 @@ def test_advantages_and_loss_by_hand():
     torch.testing.assert_close(adv, torch.tensor([[-1.0, 0.0, 1.0]]) / (1 + 1e-4))
     lp = torch.zeros(2, 3)
     mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
-    a = A(group_size=2, beta=0.0, max_new_tokens=2)
+    a = A(group_size=2, beta=0.0, max_new_tokens=3)  # the longest output: 3 tokens, eos included
     for agg, want in (("grpo", -(1.0 + -1.0) / 2), ("dapo", -(3 * 1.0 - 1.0) / 4),
                       ("dr_grpo", -(3 - 1) / (2 * 3))):
         a.loss_agg = agg
@@ -239,6 +249,8 @@ def test_resume_continues_exactly(world, tmp_path):
     b = load_file(str(tmp_path / "b" / "last" / "model.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    with pytest.raises(SystemExit, match=r"--beta 0.1 -> 0.0"):  # another run's flags: refused, named
+        g.main(_args(world, tmp_path / "b", steps=6, eval_every=2, audio_every=10, beta=0.0))
 
 
 def test_learning_reward_rises(world, tmp_path):
@@ -253,13 +265,21 @@ def test_learning_reward_rises(world, tmp_path):
 
 def test_options_run_end_to_end(world, tmp_path):
     """The reward ASR on Griffin-Lim audio, μ = 2, batch scaling, DAPO aggregation with
-    clip-higher, top-k/top-p and sampled evaluation, together for two steps."""
+    clip-higher, top-k/top-p, sampled evaluation and dropping all-equal groups, together for
+    two steps; a batch larger than the RL set, and a text-only test set (no floor, no
+    duration ratio)."""
+    texts = tmp_path / "texts" / "manifest.jsonl"
+    texts.parent.mkdir()
+    texts.write_text(json.dumps({"key": "a", "text": "alpha bravo two"}) + "\n")
+    seen = os.path.join(world["world"], "test-seen", "manifest.jsonl")
     s = g.main(_args(world, tmp_path, reward_on="wav", mu=2, scale="batch", loss_agg="dapo", eps_high=0.28,
-                     top_k=8, top_p=0.9, eval_temperature=0.7, audio_every=10))
+                     top_k=8, top_p=0.9, eval_temperature=0.7, audio_every=10, drop_zero_std=True,
+                     batch_size=TINY["rl"] + 2, test_data=[seen, str(texts)]))
     rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
-    assert len(rows) == 2 and all(r["completions/max_length"] <= 13 for r in rows)  # 12 + eos at most
+    assert len(rows) == 2 and all(r["completions/max_length"] <= 12 for r in rows)  # eos within the 12
     assert all(0.0 <= r["rewards/acc/mean"] <= 1.0 for r in rows)
-    assert s["after"]["test-seen"]["n"] == TINY["test-seen"]
+    assert s["after"]["test-seen"]["n"] == TINY["test-seen"] and s["after"]["texts"]["n"] == 1
+    assert s["resynth_cer"]["texts"] is None and s["after"]["texts"]["dur_ratio"] is None
 
 
 def test_nan_reward_is_named_counted_and_the_run_goes_on(world, tmp_path, monkeypatch, caplog):

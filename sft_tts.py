@@ -85,7 +85,7 @@ class Args:
     lm_minutes: float = 45.0
     """TTS LM budget; it stops earlier when dev NLL stops improving"""
     lm_bf16: bool = field(default_factory=cpu_has_bf16)
-    """TTS LM under bf16 autocast (dev NLL in fp32); default: where the CPU has avx512_bf16 (1.3x faster a step), not where bf16 is emulated (27x slower a step on an AVX2-only CPU)"""
+    """bf16 autocast for the TTS LM; default: on where the CPU has avx512_bf16 (elsewhere it is emulated)"""
     batch_size: int = 32
     """utterances per step, every stage"""
     eval_every: int = 200

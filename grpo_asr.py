@@ -280,7 +280,7 @@ def sequence_logprobs(model: SpeechLLM, lm, audio: torch.Tensor, audio_lens: tor
     through the fused kernel (SPEC F2). `audio` [B', T', d] holds one utterance per group and
     `seqs` its G samples each (group-major): each utterance's prompt runs once and is shared
     by its G samples. Returns lp [N, L] and entropy [N, L], 0 where padded."""
-    with torch.autocast(a.device, torch.bfloat16, enabled=a.bf16):
+    with torch.autocast(torch.device(a.device).type, torch.bfloat16, enabled=a.bf16):
         hid = model.output_hidden(audio, audio_lens, seqs, lm)  # [sum |o_i|, d]; lm's own token table
     y = torch.tensor([t for s in seqs for t in s], device=audio.device)  # [sum |o_i|]
     head = lm.get_output_embeddings().weight  # [V, d]

@@ -158,7 +158,7 @@ def main(a: Args) -> dict:
                 g["lr"] = lr
             x, xl = collate([train_feats[i] for i in idx], a.device)  # [B, T, 80]
             tg = [targets[i] for i in idx]
-            with torch.autocast(a.device, torch.bfloat16, enabled=a.bf16):
+            with torch.autocast(torch.device(a.device).type, torch.bfloat16, enabled=a.bf16):
                 audio, al, (h, hl) = model.embed_audio(x, xl)  # [B, T', d]
                 emb, mask, pos, pred = model.build_inputs(audio, al, tg)
                 hid = model.hidden(emb, mask, pos)  # [B, L, d]

@@ -230,18 +230,13 @@ def read_data(path: str, skips: Skips, need_audio: bool = True) -> list[Utt]:
     return utts
 
 
-def set_name(path: str) -> str:
-    """A manifest's set name: its folder's name, or failing that its file stem."""
-    folder = os.path.basename(os.path.dirname(os.path.abspath(path)))
-    return folder or os.path.splitext(os.path.basename(path))[0]
-
-
 def set_names(paths: list[str]) -> list[str]:
-    """One distinct name per manifest: set_name, or the file stem where folders repeat
-    (data/a.jsonl, data/b.jsonl -> a, b), numbered if that repeats too. Results are keyed
-    by these names, so two sets must never share one."""
-    names = [set_name(p) for p in paths]
-    names = [os.path.splitext(os.path.basename(p))[0] if names.count(n) > 1 else n
+    """One distinct name per manifest: its folder's name (toy/test-seen/manifest.jsonl ->
+    test-seen), or its file stem where folders repeat (data/a.jsonl, data/b.jsonl -> a, b),
+    numbered if that repeats too. Results are keyed by these names, so no two may share one."""
+    stem = lambda p: os.path.splitext(os.path.basename(p))[0]
+    names = [os.path.basename(os.path.dirname(os.path.abspath(p))) or stem(p) for p in paths]
+    names = [stem(p) if names.count(n) > 1 else n
              for p, n in zip(paths, names, strict=True)]
     return [f"{n}-{names[:i].count(n) + 1}" if names.count(n) > 1 else n for i, n in enumerate(names)]
 

@@ -239,6 +239,13 @@ def test_eval_only_text_manifest_and_bad_prompt(world, tmp_path):
     assert set(wavs) <= {"a.wav", "b.wav"}
     for w in wavs:
         assert sf.info(str(tmp_path / "out" / "audio" / w)).samplerate == 16000
+    # a second manifest in the same folder, with the same key
+    (tmp_path / "more.jsonl").write_text(json.dumps({"key": "a", "text": "one two"}) + "\n")
+    s = g.main(_args(world, tmp_path / "two", eval_only=True, prompt_audio=prompt, prompt_text=dev[0]["text"],
+                     test_data=[str(tmp_path / "texts.jsonl"), str(tmp_path / "more.jsonl")]))
+    assert sorted(s["test"]) == ["more", "texts"]  # named by their stems, neither lost
+    assert (tmp_path / "two" / "audio" / "texts" / "a.wav").exists()  # one folder per set: no overwrite
+    assert (tmp_path / "two" / "audio" / "more" / "a.wav").exists()
 
 
 def test_resume_continues_exactly(world, tmp_path):

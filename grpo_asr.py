@@ -138,6 +138,8 @@ class Args:
     """cpu or cuda"""
     bf16: bool = torch.cuda.is_available()
     """bf16 autocast for the policy forward on CUDA"""
+    cuda_graph: bool = True
+    """replay each rollout decode step as one CUDA graph (CUDA only; timings in BENCHMARKS.md)"""
     resume: bool = True
     """continue from out_dir/last (saved at every dev evaluation) if it exists"""
 
@@ -436,6 +438,7 @@ def main(a: Args) -> dict:
     ref = reference_model(model.lm) if a.beta > 0 else None  # π_ref (Eq. G5); β = 0 never builds it
     opt = torch.optim.AdamW(model.lm.parameters(), lr=a.lr, weight_decay=0.0)
     gen = torch.Generator(device=a.device).manual_seed(a.seed)  # rollout sampling
+    graphs = a.cuda_graph and a.device.startswith("cuda")  # on CPU the eager step is faster
     B, G = a.batch_size, a.group_size
     log: list[dict] = []
     start = 1
@@ -476,7 +479,7 @@ def main(a: Args) -> dict:
         emb, mask, _, _ = model.build_inputs(audio, al)  # [B, P, d]: each prompt is run once for its G rows
         toks, lens, _ = sample(model.lm, emb, mask, a.max_new_tokens, model.eos_id,
                                model.tokenizer.pad_token_id or 0, a.temperature, a.top_k, a.top_p, gen,
-                               group=G)  # [B*G, L], group-major
+                               group=G, cuda_graph=graphs)  # [B*G, L], group-major
         seqs = [toks[i, : lens[i]].tolist() for i in range(len(toks))]  # o_i, eos included
         hyps = [model.decode(s) for s in seqs]
         t_sample = time.time() - t0

@@ -14,7 +14,9 @@ prompts of 61-101 tokens (CosyVoice-2-like: 20 text ids, <sos>, 40-80 prompt spe
 G samples of `--new` tokens each. Time per step = median of the timed steps after one
 warm-up. Peak memory: torch.cuda.max_memory_allocated on CUDA; on CPU the peak RSS growth
 over the steps (sampled every 5 ms). The last line is one JSON object with `speedup` =
-whole_s / shared_s and `mem_ratio` = whole_peak / shared_peak (of the first shape).
+whole_s / shared_s and `mem_ratio` = whole_peak / shared_peak (of the first shape), and on
+an H100/H200 the MFU of the shared (the scripts') step per shape: model FLOPs (8 x the
+weights x the tokens run) per second over 989.4 TFLOP/s, the dense bf16 peak.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ from common.logprob import token_logprobs  # noqa: E402
 from common.tts import build_toy_tts  # noqa: E402
 
 K = 512  # speech tokens
+PEAK_TFLOPS_BF16 = 989.4  # H100 / H200 SXM, dense bf16: MFU is measured against it
 SHAPES = {"tts": dict(d=256, layers=4, heads=4), "qwen2.5-0.5b": dict(d=896, layers=24, heads=14)}
 
 
@@ -69,7 +72,17 @@ def run(a: argparse.Namespace) -> dict:
     step()  # warm-up
     watch = start_peak(a.device)
     times = step_times(step, a.device, a.steps)
-    return {"s": statistics.median(times), "peak_mb": peak_mb(a.device, watch)}
+    res = {"s": statistics.median(times), "peak_mb": peak_mb(a.device, watch)}
+    # Model FLOPs of the step: 2 per parameter per token in a forward, 4 in a backward; ℓ(ref)
+    # is a forward, ℓ a forward and a backward, so 8 * params * tokens run (the layers' weights
+    # and the output rows; attention scores, about 2% at these lengths, are left out).
+    params = sum(w.numel() for n, w in lm.lm.named_parameters() if "embed" not in n and "lm_head" not in n)
+    params += lm.head().numel()
+    prompt_tokens = sum(map(len, prompts)) * (1 if a.variant == "shared" else a.g)
+    res["tflop"] = 8 * params * (prompt_tokens + len(y)) / 1e12
+    if a.device == "cuda" and any(h in torch.cuda.get_device_name() for h in ("H100", "H200")):
+        res["mfu"] = res["tflop"] / res["s"] / PEAK_TFLOPS_BF16
+    return res
 
 
 def main() -> None:
@@ -90,7 +103,8 @@ def main() -> None:
     a.new = a.new or (64 if a.quick else 256)
     shapes = ["tts"] if a.device == "cpu" else ["tts", "qwen2.5-0.5b"]
     print(f"device {a.device}, torch {torch.__version__}, B={a.b}, G={a.g}, prompts 61-101, new {a.new}")
-    print(f"{'shape':<14} {'variant':<8} {'s/step':>8} {'peak MB':>9}")
+    print(f"{'shape':<14} {'variant':<8} {'s/step':>8} {'peak MB':>9}"
+          + (f" {'TFLOP/s':>9} {'MFU':>6}" if a.device == "cuda" else ""))
     res = {}
     for shape in shapes:
         for variant in ("whole", "shared"):
@@ -99,7 +113,8 @@ def main() -> None:
             r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
                            .splitlines()[-1])
             res[shape, variant] = r
-            print(f"{shape:<14} {variant:<8} {r['s']:>8.3f} {r['peak_mb']:>9.0f}")
+            mfu = f"{r['tflop'] / r['s']:>9.1f} {r['mfu']:>6.1%}" if "mfu" in r else ""
+            print(f"{shape:<14} {variant:<8} {r['s']:>8.3f} {r['peak_mb']:>9.0f} {mfu}")
     def ratios(shape: str) -> tuple[float, float]:
         w, sh = res[shape, "whole"], res[shape, "shared"]
         return round(w["s"] / sh["s"], 3), round(w["peak_mb"] / max(sh["peak_mb"], 1e-9), 3)
@@ -107,6 +122,9 @@ def main() -> None:
     out = dict(zip(("speedup", "mem_ratio"), ratios(shapes[0]), strict=True))
     for shape in shapes[1:]:
         out[f"speedup_{shape}"], out[f"mem_ratio_{shape}"] = ratios(shape)
+    for shape in shapes:
+        if "mfu" in res[shape, "shared"]:
+            out[f"mfu_{shape}"] = round(res[shape, "shared"]["mfu"], 4)  # the scripts' update
     out.update({"device": a.device, "b": a.b, "g": a.g, "new": a.new})
     print(json.dumps(out))
 

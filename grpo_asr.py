@@ -438,7 +438,7 @@ def main(a: Args) -> dict:
     ref = reference_model(model.lm) if a.beta > 0 else None  # π_ref (Eq. G5); β = 0 never builds it
     opt = torch.optim.AdamW(model.lm.parameters(), lr=a.lr, weight_decay=0.0)
     gen = torch.Generator(device=a.device).manual_seed(a.seed)  # rollout sampling
-    graphs = a.cuda_graph and a.device.startswith("cuda")  # on CPU the eager step is faster
+    graphs = a.cuda_graph and a.device.startswith("cuda")  # a CUDA graph needs CUDA
     B, G = a.batch_size, a.group_size
     log: list[dict] = []
     start = 1

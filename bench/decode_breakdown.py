@@ -41,12 +41,14 @@ def main() -> None:
     m = static_cache_decoder(lm)
     w = lm.get_output_embeddings().weight  # [V, d]
     s = p + new
-    cache = [tuple(torch.zeros(n, 2, s, 64, dtype=torch.bfloat16, device=dev) for _ in range(2))
+    cfg = lm.config
+    kv, hd = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+    cache = [tuple(torch.zeros(n, kv, s, hd, dtype=torch.bfloat16, device=dev) for _ in range(2))
              for _ in m.layers]  # [(keys, values) [N, H_kv, S, hd]] per layer
     real = torch.ones(n, s, dtype=torch.bool, device=dev)
     tok = torch.randint(0, w.shape[0], (n,), device=dev)
-    pos = torch.full((n, 1), p, device=dev)
     at = p + new // 2  # a step half way through: attention over a half-written cache
+    pos = torch.full((n, 1), at, device=dev)  # [N, 1]: every row at that slot's position
     res = {}
     with torch.no_grad():
         def eager():

@@ -26,12 +26,13 @@ done
 echo "== the update's teacher-forced pass: whole sequences against prefix sharing, MFU (toy TTS, Qwen2.5-0.5B)"
 timeout 150 python bench/update.py --steps 3
 T=$SPEECHRL_CACHE/tts
+FIRST=$(head -1 $T/dev/manifest.jsonl)  # the default prompt voice: the first dev line's audio and text
+field() { echo "$FIRST" | python -c "import json,sys; print(json.load(sys.stdin)['$1'])"; }
 echo "== grpo_tts.py on CUDA, bf16, CUDA graphs (a slice of the TTS world)"
 timeout 100 python grpo_tts.py --data $T/rl/manifest.jsonl --dev_data $T/dev/manifest.jsonl \
   --test_data $T/test-seen/manifest.jsonl --init $T/tts_lm --tokenizer $T/tokenizer --token2mel $T/token2mel \
   --reward_asr $T/reward_asr --eval_asr $T/eval_asr --speaker_model $T/speaker \
-  --prompt_audio "$T/dev/wav/$(ls $T/dev/wav | head -1)" \
-  --prompt_text "$(head -1 $T/dev/manifest.jsonl | python -c 'import json,sys; print(json.load(sys.stdin)["text"])')" \
+  --prompt_audio "$T/dev/$(field audio)" --prompt_text "$(field text)" \
   --steps 4 --eval_every 2 --out_dir /tmp/grpo_tts 2>&1 | grep -v "it/s\|s/it" | tail -6
 mkdir -p "$OUT/grpo_tts" && cp /tmp/grpo_tts/*.json* "$OUT/grpo_tts/"
 echo "== kernel parity on CUDA and the log-prob benchmark (measured 2026-11-26; last, as time allows)"

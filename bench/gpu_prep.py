@@ -3,7 +3,7 @@ GPU box that has neither: a tiny ASR toy world with a short SFT warm start, a sl
 built TTS world (its frozen models and a few manifest lines with their audio), and wheels of
 the requirements the box lacks (soundfile, jiwer, tqdm and their dependencies).
 
-    SPEECHRL_CACHE=gpu_cache python bench/gpu_prep.py   # then carry gpu_cache (about 58 MB)
+    python bench/gpu_prep.py   # into $SPEECHRL_CACHE (default gpu_cache/); carry it (about 58 MB)
 
 The TTS slice needs the toy TTS world in the normal cache (`python sft_tts.py` builds it).
 """
@@ -16,14 +16,14 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common.toy import build_toy_world, cache_root  # noqa: E402
+from common.toy import build_toy_world  # noqa: E402
 
 LINES = {"rl": 24, "dev": 8, "test-seen": 8}  # TTS manifest lines per split
 WHEELS = ["soundfile", "jiwer", "tqdm"]  # and their dependencies, for the Pythons a box may have
 
 
 def main() -> None:
-    out = cache_root()  # SPEECHRL_CACHE
+    out = os.environ.setdefault("SPEECHRL_CACHE", "gpu_cache")  # where everything for the box goes
     w = build_toy_world({"train": 96, "dev": 16, "test-seen": 16, "test-unseen": 16})
     sft = os.path.join(out, "sft")
     if not os.path.isdir(os.path.join(sft, "best")):
@@ -32,7 +32,7 @@ def main() -> None:
                         "--eval_every", "30", "--batch_size", "16"], check=True)
         shutil.rmtree(os.path.join(sft, "last"))  # the optimizer state: not needed, and carry is small
     # the TTS world's frozen pieces and a few lines of it, from the normal cache
-    os.environ.pop("SPEECHRL_CACHE")
+    os.environ.pop("SPEECHRL_CACHE")  # the built TTS world lives in the normal cache
     from sft_tts import build_tts_world
 
     tw = build_tts_world()
@@ -55,7 +55,7 @@ def main() -> None:
                         "--python-version", py, "--platform", "manylinux_2_28_x86_64",
                         "--platform", "manylinux2014_x86_64", "-d", os.path.join(out, "wheels"), *WHEELS],
                        check=True)
-    for f in os.listdir(os.path.join(out, "wheels")):  # the box has these (torch needs them); they are big
+    for f in os.listdir(os.path.join(out, "wheels")):  # big, and the lent box had them (2026-11-27)
         if f.startswith(("numpy-", "typing_extensions-")):
             os.remove(os.path.join(out, "wheels", f))
     print(f"{out}: ASR world {os.path.dirname(os.path.dirname(w['train']))}, SFT {sft}/best, TTS slice {tts}")

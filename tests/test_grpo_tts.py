@@ -270,11 +270,14 @@ def test_learning_reward_rises(world, tmp_path):
     assert sum(r[-10:]) / 10 > sum(r[:10]) / 10 + 0.25, [round(x, 2) for x in r]
 
 
-def test_options_run_end_to_end(world, tmp_path):
+def test_options_run_end_to_end(world, tmp_path, monkeypatch):
     """The reward ASR on Griffin-Lim audio, μ = 2, batch scaling, DAPO aggregation with
     clip-higher, top-k/top-p, sampled evaluation and dropping all-equal groups, together for
     two steps; a batch larger than the RL set, and a text-only test set (no floor, no
     duration ratio)."""
+    graph_args, real_sample = [], g.sample  # --cuda_graph (on by default) reaches the sampler only on CUDA
+    monkeypatch.setattr(g, "sample",
+                        lambda *x, **k: graph_args.append(k["cuda_graph"]) or real_sample(*x, **k))
     texts = tmp_path / "texts" / "manifest.jsonl"
     texts.parent.mkdir()
     texts.write_text(json.dumps({"key": "a", "text": "alpha bravo two"}) + "\n")
@@ -287,6 +290,7 @@ def test_options_run_end_to_end(world, tmp_path):
     assert all(0.0 <= r["rewards/acc/mean"] <= 1.0 for r in rows)
     assert s["after"]["test-seen"]["n"] == TINY["test-seen"] and s["after"]["texts"]["n"] == 1
     assert s["resynth_cer"]["texts"] is None and s["after"]["texts"]["dur_ratio"] is None
+    assert graph_args and not any(graph_args)  # device cpu: no CUDA graph, whatever the flag
 
 
 def test_nan_reward_is_named_counted_and_the_run_goes_on(world, tmp_path, monkeypatch, caplog):

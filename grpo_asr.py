@@ -452,6 +452,9 @@ def main(a: Args) -> dict:
         gen.set_state(ck["gen"])
         random.setstate(ck["random"])
         start, best_wer, dev_log, log = ck["step"] + 1, ck["best_wer"], ck["dev_log"], ck["log"]
+        skips.counts.clear()  # the counts so far, the loop's non-finite rewards included
+        skips.counts.update(ck.get("skips", {}))
+        t_start -= ck.get("time_s", 0.0)  # time_s and wall_s go on from the checkpoint's
         with open(os.path.join(a.out_dir, "metrics.jsonl"), "w") as fh:
             fh.writelines(json.dumps(r) + "\n" for r in log)
         print(f"resumed from {a.out_dir}/last at step {ck['step']}")
@@ -459,7 +462,8 @@ def main(a: Args) -> dict:
     def save_last(step: int) -> None:  # model, then the loop state inside it
         model.save(os.path.join(a.out_dir, "last"))
         torch.save({"opt": opt.state_dict(), "gen": gen.get_state(), "random": random.getstate(),
-                    "step": step, "best_wer": best_wer, "dev_log": dev_log, "log": log, "args": asdict(a)},
+                    "step": step, "best_wer": best_wer, "dev_log": dev_log, "log": log, "args": asdict(a),
+                    "skips": skips.as_dict(), "time_s": time.time() - t_start},
                    state_path + ".tmp")
         os.replace(state_path + ".tmp", state_path)
 

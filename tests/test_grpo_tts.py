@@ -248,10 +248,20 @@ def test_eval_only_text_manifest_and_bad_prompt(world, tmp_path):
     assert (tmp_path / "two" / "audio" / "more" / "a.wav").exists()
 
 
-def test_resume_continues_exactly(world, tmp_path):
-    g.main(_args(world, tmp_path / "a", steps=4, eval_every=2, audio_every=10))
+def test_resume_continues_exactly(world, tmp_path, monkeypatch):
+    """Weights, the skip counts (every 3rd reward NaN here) and the clock go on."""
+    real, calls = g.total_reward, {"n": 0}
+
+    def flaky(terms, a):  # B*G = 6 per step: the same samples are NaN in every run
+        calls["n"] += 1
+        return float("nan") if calls["n"] % 3 == 0 else real(terms, a)
+    monkeypatch.setattr(g, "total_reward", flaky)
+    sa = g.main(_args(world, tmp_path / "a", steps=4, eval_every=2, audio_every=10))
     g.main(_args(world, tmp_path / "b", steps=2, eval_every=2, audio_every=10))
-    g.main(_args(world, tmp_path / "b", steps=4, eval_every=2, audio_every=10))  # resumes at step 3
+    sb = g.main(_args(world, tmp_path / "b", steps=4, eval_every=2, audio_every=10))  # resumes at step 3
+    assert sa["skipped"] == sb["skipped"] == {"non-finite reward (advantage 0)": 8}
+    t = [json.loads(x)["time_s"] for x in open(tmp_path / "b" / "metrics.jsonl")]
+    assert t == sorted(t) and sb["wall_s"] >= t[-1], t
     a = load_file(str(tmp_path / "a" / "last" / "model.safetensors"))
     b = load_file(str(tmp_path / "b" / "last" / "model.safetensors"))
     for k in a:

@@ -32,13 +32,14 @@ def _acc(z: torch.Tensor) -> torch.Tensor:
     return z if z.dtype == torch.float64 else z.float()
 
 
-def _fwd_chunk(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor):
+def _fwd_chunk(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, with_ent: bool):
     z = _acc(h @ w.T)  # [c, V]; matmul in the input dtype, softmax in fp32
     lse = torch.logsumexp(z, dim=-1)  # [c]
-    lp = z.gather(1, y[:, None]).squeeze(1) - lse  # [c]
+    lp = (z.gather(1, y[:, None]).squeeze(1) - lse).clamp(max=0.0)  # [c]; rounding can give +1e-7
+    if not with_ent:  # two fewer passes over [c, V]
+        return lp, torch.zeros_like(lse), lse
     p = torch.exp(z - lse[:, None])  # [c, V]
-    ent = lse - (p * z).sum(-1)  # [c]  H = lse - E_p[z]
-    return lp.clamp(max=0.0), ent, lse  # rounding can give +1e-7; a log-prob is never positive
+    return lp, lse - (p * z).sum(-1), lse  # H = lse - E_p[z]
 
 
 def _bwd_chunk(h, w_c, y_c, g_lp, g_ent, lse, ent):
@@ -46,10 +47,11 @@ def _bwd_chunk(h, w_c, y_c, g_lp, g_ent, lse, ent):
     z = _acc(h @ w_c.T)  # recompute, [N, Vc]
     logp = z - lse[:, None]
     p = logp.exp()
-    # d/dz of (g_lp * lp + g_ent * H) = g_lp (onehot - p) - g_ent p (log p + H)
+    # d/dz of (g_lp * lp + g_ent * H) = g_lp (onehot - p) - g_ent p (log p + H); g_ent is
+    # None when nothing downstream used the entropy (the scripts only log it)
     onehot = torch.arange(z.shape[1], device=z.device)[None] == y_c[:, None]  # [N, Vc]
-    gz = torch.where(onehot, g_lp[:, None], 0.0) \
-        - p * (g_lp[:, None] + g_ent[:, None] * (logp + ent[:, None]))  # [N, Vc]
+    gp = g_lp[:, None] if g_ent is None else g_lp[:, None] + g_ent[:, None] * (logp + ent[:, None])
+    gz = torch.where(onehot, g_lp[:, None], 0.0) - p * gp  # [N, Vc]
     gz = gz.to(h.dtype)
     return gz @ w_c, gz.T @ h  # [N, d] (to accumulate), [Vc, d] (this chunk's rows of dW)
 
@@ -73,7 +75,8 @@ def _maybe_compiled(fn, device: torch.device):
 
 class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets):
+    def forward(ctx, hidden, weight, targets, with_entropy):
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None, not zeros
         n, v = hidden.shape[0], weight.shape[0]
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         lp, ent, lse = (hidden.new_empty(n, dtype=acc) for _ in range(3))
@@ -81,7 +84,7 @@ class _TokenLogprobs(torch.autograd.Function):
         step = _chunk_rows(n, v)
         for s in range(0, n, step):
             sl = slice(s, s + step)
-            lp[sl], ent[sl], lse[sl] = fwd(hidden[sl], weight, targets[sl])
+            lp[sl], ent[sl], lse[sl] = fwd(hidden[sl], weight, targets[sl], with_entropy)
         ctx.save_for_backward(hidden, weight, targets, lse, ent)
         return lp, ent
 
@@ -90,7 +93,7 @@ class _TokenLogprobs(torch.autograd.Function):
         hidden, weight, targets, lse, ent = ctx.saved_tensors
         n, v = hidden.shape[0], weight.shape[0]
         g_lp = torch.zeros_like(lse) if g_lp is None else g_lp.to(lse.dtype)
-        g_ent = torch.zeros_like(lse) if g_ent is None else g_ent.to(lse.dtype)
+        g_ent = None if g_ent is None else g_ent.to(lse.dtype)
         gh = torch.zeros(hidden.shape, dtype=lse.dtype, device=hidden.device)
         gw = torch.empty_like(weight)
         bwd = _maybe_compiled(_bwd_chunk, hidden.device)
@@ -101,7 +104,7 @@ class _TokenLogprobs(torch.autograd.Function):
             gh_c, gw[s : s + step] = bwd(hidden, w_c, y_c, g_lp, g_ent, lse, ent)
             gh += gh_c
         return (gh.to(hidden.dtype) if ctx.needs_input_grad[0] else None,
-                gw if ctx.needs_input_grad[1] else None, None)
+                gw if ctx.needs_input_grad[1] else None, None, None)
 
 
 def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -115,7 +118,7 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
         raise ValueError(f"hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} do not match")
     if targets.shape != hidden.shape[:1]:
         raise ValueError(f"targets {tuple(targets.shape)} must be [N] with N = {hidden.shape[0]}")
-    lp, ent = _TokenLogprobs.apply(hidden, weight, targets.long())
+    lp, ent = _TokenLogprobs.apply(hidden, weight, targets.long(), with_entropy)
     return (lp, ent) if with_entropy else lp
 
 

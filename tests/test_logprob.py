@@ -35,6 +35,20 @@ def test_values_and_grads_equal_naive(n, v, d, monkeypatch):
     torch.testing.assert_close(gw, rw, rtol=1e-5, atol=1e-6)
 
 
+def test_grads_when_only_one_output_is_used(monkeypatch):
+    """The scripts take the entropy only to log it: its gradient arrives as None and the
+    backward drops its term. Using only lp, or only the entropy, must still equal naive."""
+    monkeypatch.setattr(L, "CHUNK_ELEMS", 3 * 101)
+    h, w, y = _case(17, 101, 7)
+    lp, ent = token_logprobs(h, w, y, with_entropy=True)
+    g = torch.randn(17, dtype=torch.float64)
+    for ours, ref in (((lp * g).sum(), (naive_token_logprobs(h, w, y) * g).sum()),
+                      ((ent * g).sum(), (_naive_entropy(h, w) * g).sum())):
+        got = torch.autograd.grad(ours, (h, w), retain_graph=True)
+        for a, b in zip(got, torch.autograd.grad(ref, (h, w)), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_float32_matches_float64_reference():
     h, w, y = _case(20, 300, 16, dtype=torch.float32)
     lp = token_logprobs(h, w, y)

@@ -37,3 +37,14 @@ def assert_grads_close(got, want, rtol: float = 1e-5) -> None:
         assert (a is None) == (b is None)
         if a is not None:
             assert (a - b).abs().max() <= rtol * b.abs().max() + 1e-7
+
+
+def nan_every_third_reward(monkeypatch, script) -> None:
+    """Make every 3rd call of `script.total_reward` NaN. With B*G a multiple of 3 the same
+    samples are NaN in every run, a resumed one included."""
+    real, calls = script.total_reward, {"n": 0}
+
+    def flaky(terms, a):
+        calls["n"] += 1
+        return float("nan") if calls["n"] % 3 == 0 else real(terms, a)
+    monkeypatch.setattr(script, "total_reward", flaky)

@@ -6,7 +6,7 @@ import random
 
 import pytest
 import torch
-from conftest import make_tiny_qwen2_audio
+from conftest import make_tiny_qwen2_audio, nan_every_third_reward
 from safetensors.torch import load_file
 
 import grpo_asr as g
@@ -234,12 +234,7 @@ def test_learning_reward_rises(tiny, tmp_path):
 
 def test_resume_continues_exactly(tiny, tmp_path, monkeypatch):
     """Weights, rewards, the skip counts (every 3rd reward NaN here) and the clock go on."""
-    real, calls = g.total_reward, {"n": 0}
-
-    def flaky(terms, a):  # B*G = 6 per step: the same samples are NaN in every run
-        calls["n"] += 1
-        return float("nan") if calls["n"] % 3 == 0 else real(terms, a)
-    monkeypatch.setattr(g, "total_reward", flaky)
+    nan_every_third_reward(monkeypatch, g)  # B*G = 6 per step
     sa = g.main(_run_args(tiny, tmp_path / "a", steps=4, eval_every=2))
     g.main(_run_args(tiny, tmp_path / "b", steps=2, eval_every=2))
     sb = g.main(_run_args(tiny, tmp_path / "b", steps=4, eval_every=2))  # resumes at step 3
@@ -274,13 +269,7 @@ def test_options_run_end_to_end(tiny, tmp_path, monkeypatch):
 
 
 def test_nan_reward_is_named_counted_and_the_run_goes_on(tiny, tmp_path, monkeypatch, caplog):
-    real = g.total_reward
-    calls = {"n": 0}
-
-    def flaky(terms, a):
-        calls["n"] += 1
-        return float("nan") if calls["n"] % 3 == 0 else real(terms, a)
-    monkeypatch.setattr(g, "total_reward", flaky)
+    nan_every_third_reward(monkeypatch, g)  # B*G = 6 per step
     with caplog.at_level("WARNING", logger="speechrl"):
         s = g.main(_run_args(tiny, tmp_path))
     assert s["skipped"]["non-finite reward (advantage 0)"] == 4  # 2 steps x 6 samples, every 3rd

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from conftest import nan_every_third_reward
 from safetensors.torch import load_file
 
 import grpo_tts as g
@@ -250,12 +251,7 @@ def test_eval_only_text_manifest_and_bad_prompt(world, tmp_path):
 
 def test_resume_continues_exactly(world, tmp_path, monkeypatch):
     """Weights, the skip counts (every 3rd reward NaN here) and the clock go on."""
-    real, calls = g.total_reward, {"n": 0}
-
-    def flaky(terms, a):  # B*G = 6 per step: the same samples are NaN in every run
-        calls["n"] += 1
-        return float("nan") if calls["n"] % 3 == 0 else real(terms, a)
-    monkeypatch.setattr(g, "total_reward", flaky)
+    nan_every_third_reward(monkeypatch, g)  # B*G = 6 per step
     sa = g.main(_args(world, tmp_path / "a", steps=4, eval_every=2, audio_every=10))
     g.main(_args(world, tmp_path / "b", steps=2, eval_every=2, audio_every=10))
     sb = g.main(_args(world, tmp_path / "b", steps=4, eval_every=2, audio_every=10))  # resumes at step 3
@@ -304,12 +300,7 @@ def test_options_run_end_to_end(world, tmp_path, monkeypatch):
 
 
 def test_nan_reward_is_named_counted_and_the_run_goes_on(world, tmp_path, monkeypatch, caplog):
-    real, calls = g.total_reward, {"n": 0}
-
-    def flaky(terms, a):
-        calls["n"] += 1
-        return float("nan") if calls["n"] % 3 == 0 else real(terms, a)
-    monkeypatch.setattr(g, "total_reward", flaky)
+    nan_every_third_reward(monkeypatch, g)  # B*G = 6 per step
     with caplog.at_level("WARNING", logger="speechrl"):
         s = g.main(_args(world, tmp_path, audio_every=10))
     assert s["skipped"]["non-finite reward (advantage 0)"] == 4  # 2 steps x 6 samples, every 3rd

@@ -548,8 +548,7 @@ def main(a: Args) -> dict:
         gen.set_state(ck["gen"])
         random.setstate(ck["random"])
         start, best_cer, dev_log, log = ck["step"] + 1, ck["best_cer"], ck["dev_log"], ck["log"]
-        skips.counts.clear()  # the counts so far, the loop's non-finite rewards included
-        skips.counts.update(ck.get("skips", {}))
+        skips.restore(ck.get("skips", {}))  # the loop's non-finite rewards included
         t_start -= ck.get("time_s", 0.0)  # time_s and wall_s go on from the checkpoint's
         with open(os.path.join(a.out_dir, "metrics.jsonl"), "w") as fh:
             fh.writelines(json.dumps(r) + "\n" for r in log)

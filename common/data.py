@@ -114,6 +114,10 @@ class Skips:
     def as_dict(self) -> dict[str, int]:
         return dict(sorted(self.counts.items()))
 
+    def restore(self, counts: dict[str, int]) -> None:
+        """Take a checkpoint's counts (on resume: the manifests' and the loop's so far)."""
+        self.counts = Counter(counts)
+
     def total(self) -> int:
         return sum(self.counts.values())
 

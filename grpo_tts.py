@@ -137,6 +137,8 @@ class Args:
     """bf16 autocast in the update and the reward judges (default on CUDA; slow where a CPU emulates it)"""
     cuda_graph: bool = True
     """replay each rollout decode step as one CUDA graph (CUDA only; timings in BENCHMARKS.md)"""
+    compile_sampler: bool = False
+    """also torch.compile that step (faster per step; each new cache size or batch compiles again)"""
     resume: bool = True
     """continue from out_dir/last (saved at every dev evaluation) if it exists"""
 
@@ -209,7 +211,8 @@ def synthesize(lm: TTSLM, conds: list[Cond], a: Args, temperature: float, gen=No
         emb = lm.lm.get_input_embeddings()(ids)  # [B, P, d]: each prompt is run once for its `repeat` rows
         toks, lens, _ = sample(lm.lm, emb, mask, a.max_new_tokens, lm.eos_id, 0, temperature,
                                a.top_k, a.top_p, gen, vocab=lm.out_slice, group=repeat,
-                               cuda_graph=a.cuda_graph and a.device.startswith("cuda"))
+                               cuda_graph=a.cuda_graph and a.device.startswith("cuda"),
+                               compile=a.compile_sampler)
         for row, n in zip(toks.tolist(), lens.tolist(), strict=True):
             o = [t - lm.offset for t in row[:n]]
             seqs.append(o)

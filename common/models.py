@@ -446,8 +446,9 @@ def load_qwen2_audio(path: str, prompt: str = QWEN2_AUDIO_ASR_PROMPT, prefix: st
 
 # ---------------------------------------------------------------- the rollout sampler
 def _pick(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
-          generator: torch.Generator | None):
+          generator: torch.Generator | None, noise: torch.Tensor | None = None):
     """One token per row: greedy at temperature 0, else sampled after top-k/top-p filtering.
+    `noise` [N, V'] (Exp(1) draws) may be given, else it is drawn from `generator`.
     Returns (token [N], its log-prob under the sampling distribution [N])."""
     logits = logits.float()
     if temperature <= 0:
@@ -463,7 +464,12 @@ def _pick(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
         drop = cum - torch.softmax(srt, -1) >= top_p  # keep the smallest prefix reaching top_p
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(1, idx, drop), float("-inf"))
     logp = torch.log_softmax(logits, -1)
-    tok = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)
+    # torch.multinomial(p, 1, generator) draws exactly this way (argmax of p / q, q ~ Exp(1):
+    # the Gumbel-max trick), with the same random numbers. Spelled out, the noise can be drawn
+    # outside a CUDA graph and the draw itself replayed inside it
+    if noise is None:
+        noise = torch.empty_like(logp).exponential_(generator=generator)  # [N, V']
+    tok = (logp.exp() / noise).argmax(-1)
     return tok, logp.gather(1, tok[:, None]).squeeze(1)
 
 
@@ -534,36 +540,57 @@ def _decode(m: nn.Module, x: torch.Tensor, pos: torch.Tensor, cache: list, at: i
     return m.norm(x)
 
 
+def _fixed_step(m: nn.Module, w: torch.Tensor, b: torch.Tensor | None, cache: list, real: torch.Tensor,
+                tok: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor, noise: torch.Tensor | None,
+                temperature: float, top_k: int, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decode step at fixed shapes: the token tok [N] at positions pos [N, 1] goes into
+    cache slot `slot` [1], attention reads the whole cache with `real & (slot index <= slot)`
+    as its mask, and the next token is picked with the given noise. Returns (token [N],
+    log-prob [N])."""
+    see = (real & (torch.arange(real.shape[1], device=real.device) <= slot))[:, None]  # [N, 1, S]
+    h = _decode(m, m.embed_tokens(tok[:, None]), pos, cache, slot, see)[:, -1]  # [N, d]
+    return _pick(F.linear(h.to(w.dtype), w, b), temperature, top_k, top_p, None, noise)  # logits [N, V']
+
+
+_compiled_step = None  # torch.compile(_fixed_step), made once: its compiled graphs are reused across rollouts
+
+
 def _graph_step(m: nn.Module, w: torch.Tensor, b: torch.Tensor | None, cache: list, real: torch.Tensor,
-                first_slot: int):
-    """A decode step whose tensors keep their shapes and addresses from step to step, as a
-    CUDA graph needs: the token, position and slot are copied into static buffers, and
-    attention reads the whole cache with `real & (slot index <= slot)` as its mask. On CUDA
-    the step is captured once as a graph and replayed: one launch per step instead of a few
-    per layer, which is where a small model's decode time goes. Elsewhere (and for rotary
-    scalings that branch on the host) the same step runs eagerly; the tests check it against
-    the other path on CPU. Returns step(tok [N], pos [N, 1], slot) -> logits [N, V']."""
-    n, s = real.shape
-    dev = real.device
+                first_slot: int, temperature: float, top_k: int, top_p: float,
+                generator: torch.Generator | None, compile: bool = False):
+    """`_fixed_step` with its inputs in static buffers, as a CUDA graph needs: the token,
+    position and slot are copied in, and the pick's Exp(1) noise is drawn into its buffer
+    from `generator` (the same numbers `_pick` would draw). On CUDA the step (forward and
+    pick) is captured once as a graph and replayed: one launch per step instead of a few
+    per layer, which is where a small model's decode time goes. With `compile` it is first
+    compiled by inductor (norms, rotary, residuals and the pick fused), which halves a
+    Qwen2.5-0.5B step again. Elsewhere (and for rotary scalings that branch on the host)
+    the same step runs eagerly; the tests check it against the other path on CPU.
+    Returns step(tok [N], pos [N, 1], slot) -> (next token [N], its log-prob [N])."""
+    global _compiled_step
+    n, dev = real.shape[0], real.device
     tok = torch.zeros(n, dtype=torch.long, device=dev)
     pos = torch.zeros(n, 1, dtype=torch.long, device=dev)
     slot = torch.full((1,), first_slot, dtype=torch.long, device=dev)
-    idx = torch.arange(s, device=dev)
+    noise = torch.ones(n, w.shape[0], device=dev) if temperature > 0 else None  # [N, V'] fp32
+    fn = _fixed_step
+    if compile:
+        if _compiled_step is None:
+            _compiled_step = torch.compile(_fixed_step, dynamic=False)
+        fn = _compiled_step
 
-    def run() -> torch.Tensor:
-        see = (real & (idx <= slot))[:, None]  # [N, 1, S]
-        h = _decode(m, m.embed_tokens(tok[:, None]), pos, cache, slot, see)[:, -1]  # [N, d]
-        return F.linear(h.to(w.dtype), w, b)  # [N, V']
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        return fn(m, w, b, cache, real, tok, pos, slot, noise, temperature, top_k, top_p)
 
     graph, out = None, None
     rope = str(getattr(m.rotary_emb, "rope_type", "default"))
     if dev.type == "cuda" and "dynamic" not in rope and rope != "longrope":  # those branch on the host
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        # warm up on a side stream (lazy inits must not happen during capture); this writes
-        # junk into slot first_slot, which the first real step overwrites. Autocast's weight
-        # cache must be off inside a graph; the attention kernel is pinned to one known to
-        # take a mask under capture.
+        # warm up (and compile) on a side stream (lazy inits must not happen during capture);
+        # this writes junk into slot first_slot, which the first real step overwrites.
+        # Autocast's weight cache must be off inside a graph; the attention kernel is pinned
+        # to one known to take a mask under capture.
         amp = dict(device_type="cuda", enabled=torch.is_autocast_enabled("cuda"),
                    dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
         kernels = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -571,20 +598,23 @@ def _graph_step(m: nn.Module, w: torch.Tensor, b: torch.Tensor | None, cache: li
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side), torch.autocast(**amp), sdpa_kernel(kernels):
-                run()
+                for _ in range(2 if compile else 1):
+                    run()
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, stream=side), torch.autocast(**amp), sdpa_kernel(kernels):
                 out = run()
 
-    def step(t_tok: torch.Tensor, t_pos: torch.Tensor, at: int) -> torch.Tensor:
+    def step(t_tok: torch.Tensor, t_pos: torch.Tensor, at: int) -> tuple[torch.Tensor, torch.Tensor]:
         tok.copy_(t_tok)
         pos.copy_(t_pos)
         slot.fill_(at)
+        if noise is not None:
+            noise.exponential_(generator=generator)
         if graph is None:
             return run()
         graph.replay()
-        return out.clone()  # the graph's output buffer is overwritten by the next replay
+        return out[0].clone(), out[1].clone()  # the graph's outputs are overwritten by the next replay
 
     return step
 
@@ -594,7 +624,7 @@ def sample(lm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Ten
            max_new_tokens: int, eos_id: int, pad_id: int = 0, temperature: float = 1.0,
            top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None,
            vocab: tuple[int, int] | None = None, static_cache: bool = True, cuda_graph: bool = False,
-           group: int = 1):
+           compile: bool = False, group: int = 1):
     """Batched autoregressive sampling from left-padded prompt embeddings [B, P, d], `group`
     samples per prompt (N = B * group rows, group-major): each prompt is run once (prefill)
     and its keys and values copied to its rows, which then sample independently.
@@ -604,11 +634,13 @@ def sample(lm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Ten
     With `static_cache` (and a model `static_cache_decoder` accepts) the keys and values of
     all P + max_new_tokens positions live in one pre-allocated buffer per layer, written in
     place; otherwise the model's own forward and growing cache are used (the reference the
-    tests compare against). `cuda_graph` (static cache only) replays each decode step as a
-    CUDA graph (`_graph_step`): on an H100 it draws the same tokens as the eager step and
-    decodes 4.4x faster than HF generate (BENCHMARKS.md). Elsewhere the same fixed-shape
-    step runs eagerly, with no graph (what the CPU tests check); the scripts turn it on
-    only on CUDA.
+    tests compare against). `cuda_graph` (static cache only) replays each decode step, the
+    pick included, as a CUDA graph (`_graph_step`), and checks whether every row has ended
+    only every 8 steps (the check waits for the GPU); `compile` also compiles that step,
+    the cache rounded up to a multiple of 64 slots so that prompts of similar lengths share
+    one compiled step. On an H100 both draw the same tokens as the eager step (BENCHMARKS.md
+    has their speed). Elsewhere the same fixed-shape step runs eagerly, with no graph (what
+    the CPU tests check); the scripts turn it on only on CUDA.
 
     Returns tokens [N, L] (pad after eos), lengths [N] (eos included; max_new_tokens if
     no eos came), and the sampled tokens' log-probs [N, L] (0 where padded)."""
@@ -618,11 +650,14 @@ def sample(lm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Ten
     pos_b = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, P]
     mask_b, attention_mask = attention_mask, attention_mask.repeat_interleave(group, 0)  # [B, P], [N, P]
     m = static_cache_decoder(lm) if static_cache else None
+    graph = cuda_graph and m is not None and max_new_tokens > 1
     if m is not None:
         head = lm.get_output_embeddings()
         w = head.weight[lo:hi]  # [V', d]: only the rows that can be sampled
         b = head.bias[lo:hi] if getattr(head, "bias", None) is not None else None
         s = p + max_new_tokens  # cache slots: the prompt, then one per new token
+        if graph and compile:
+            s = -(-s // 64) * 64  # a compiled step is specialised to the cache size
         # the cache holds what attention reads: autocast's dtype (bf16 on CUDA) if it is on
         dt = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else w.dtype
         cache = [tuple(torch.zeros(nb, layer.self_attn.k_proj.out_features // layer.self_attn.head_dim, s,
@@ -636,8 +671,10 @@ def sample(lm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Ten
         logits = F.linear(h.to(w.dtype), w, b).repeat_interleave(group, 0)  # [N, V']
         if group > 1:  # each prompt's keys/values to its rows
             cache = [(k.repeat_interleave(group, 0), v.repeat_interleave(group, 0)) for k, v in cache]
-        real = torch.cat([attention_mask, attention_mask.new_ones(n, max_new_tokens)], 1).bool()  # [N, S]
-        step = _graph_step(m, w, b, cache, real, p) if cuda_graph and max_new_tokens > 1 else None
+        real = torch.cat([attention_mask.bool(), attention_mask.new_ones(n, max_new_tokens, dtype=torch.bool),
+                          attention_mask.new_zeros(n, s - p - max_new_tokens, dtype=torch.bool)], 1)  # [N, S]
+        if graph:
+            step = _graph_step(m, w, b, cache, real, p, temperature, top_k, top_p, generator, compile)
     else:
         # transformers >= 5.2x renamed the cache argument; older 5.x only knows past_key_values
         cache_kw = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
@@ -646,33 +683,36 @@ def sample(lm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Ten
         cache, logits = out.past_key_values, out.logits[:, -1, lo:hi].repeat_interleave(group, 0)  # [N, V']
         if group > 1:
             cache.batch_repeat_interleave(group)
-        step = None
     next_pos = pos_b[:, -1:].repeat_interleave(group, 0) + 1  # [N, 1]
     tokens, logps = [], []
     done = torch.zeros(n, dtype=torch.bool, device=dev)
     lengths = torch.full((n,), max_new_tokens, dtype=torch.long, device=dev)
+    every = 8 if graph else 1  # steps between the done-checks
+    tok, lp = _pick(logits, temperature, top_k, top_p, generator)  # the first token, from the prefill
     for t in range(max_new_tokens):
-        tok, lp = _pick(logits, temperature, top_k, top_p, generator)
         tok = (tok + lo).masked_fill(done, pad_id)
         tokens.append(tok)
         logps.append(lp.masked_fill(done, 0.0))
         lengths = torch.where(~done & (tok == eos_id), t + 1, lengths)
         done = done | (tok == eos_id)
-        if bool(done.all()) or t == max_new_tokens - 1:
+        if t == max_new_tokens - 1 or (t % every == every - 1 and bool(done.all())):
             break
-        if step is not None:
-            logits = step(tok, next_pos, p + t)  # [N, V']
-        elif m is not None:
-            x = m.embed_tokens(tok[:, None])  # [N, 1, d]
-            h = _decode(m, x, next_pos, cache, p + t, real[:, None, : p + t + 1])[:, -1]  # [N, d]
-            logits = F.linear(h.to(w.dtype), w, b)  # [N, V']
+        if graph:
+            tok, lp = step(tok, next_pos, p + t)  # [N], [N]
         else:
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(n, 1)], 1)
-            out = lm(input_ids=tok[:, None], attention_mask=attention_mask, position_ids=next_pos,
-                     use_cache=True, **{cache_kw: cache})
-            cache, logits = out.past_key_values, out.logits[:, -1, lo:hi]
+            if m is not None:
+                x = m.embed_tokens(tok[:, None])  # [N, 1, d]
+                h = _decode(m, x, next_pos, cache, p + t, real[:, None, : p + t + 1])[:, -1]  # [N, d]
+                logits = F.linear(h.to(w.dtype), w, b)  # [N, V']
+            else:
+                attention_mask = torch.cat([attention_mask, attention_mask.new_ones(n, 1)], 1)
+                out = lm(input_ids=tok[:, None], attention_mask=attention_mask, position_ids=next_pos,
+                         use_cache=True, **{cache_kw: cache})
+                cache, logits = out.past_key_values, out.logits[:, -1, lo:hi]
+            tok, lp = _pick(logits, temperature, top_k, top_p, generator)
         next_pos = next_pos + 1
-    return torch.stack(tokens, 1), lengths, torch.stack(logps, 1)
+    width = int(lengths.max())  # past the last eos only padding (steps run between done-checks)
+    return torch.stack(tokens, 1)[:, :width], lengths, torch.stack(logps, 1)[:, :width]
 
 
 # ---------------------------------------------------------------- batching and greedy decoding

@@ -4,7 +4,7 @@
 # on a machine with the synthesizers and pip (the GPU box has neither): a tiny ASR toy world
 # with an SFT start, a slice of the TTS world, and wheels of the other requirements. Each
 # check has its own time limit; metrics come back under $OUT. Arguments pick sections
-# (sampler asr update tts kernel logprob probe), so that one lent session's minutes go
+# (sampler rollout asr update tts kernel logprob probe), so that one lent session's minutes go
 # where they are needed:  bash bench/gpu_check.sh sampler probe
 set -uo pipefail
 export SPEECHRL_CACHE=${SPEECHRL_CACHE:-gpu_cache}
@@ -13,17 +13,19 @@ python -m pip install -q --no-index --no-deps --find-links "$SPEECHRL_CACHE/whee
   soundfile jiwer tqdm cffi pycparser click rapidfuzz
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-want() { [ $# -eq 0 ] || [[ " $SECTIONS " == *" $1 "* ]]; }  # no arguments: every section
 SECTIONS="$*"
+want() { [ -z "$SECTIONS" ] || [[ " $SECTIONS " == *" $1 "* ]]; }  # no arguments: every section
 if want sampler; then
   echo "== sampler: the CUDA-graph decode step, plain and compiled, against eager and HF generate"
   timeout 100 python bench/sampler_check.py
-  echo "== rollout benchmark, B=128, 64-token prompts, 128 new tokens (eager, dynamic, graph, compiled graph, HF)"
-  timeout 240 python bench/rollout.py --new 128 --reps 1
+fi
+if want rollout; then
+  echo "== rollout benchmark, B=128, 64-token prompts, 256 new tokens (eager, dynamic, graph, compiled graph, HF)"
+  timeout 240 python bench/rollout.py --reps 1
 fi
 W=$(ls -d "$SPEECHRL_CACHE"/toy-*)
 if want asr; then
-  for mode in "true false" "true true" "false false"; do
+  for mode in "true true" "true false"; do
     set -- $mode
     echo "== grpo_asr.py on CUDA, bf16, --cuda_graph $1 --compile_sampler $2 (tiny toy world $W)"
     timeout 90 python grpo_asr.py --data "$W/train/manifest.jsonl" --dev_data "$W/dev/manifest.jsonl" \

@@ -50,7 +50,10 @@ def main() -> int:
                     t1, t2, p1, p2 = t1[:, :2], t2[:, :2], p1[:, :2], p2[:, :2]
                 same = t1.tolist() == t2.tolist() and (amp or l1.tolist() == l2.tolist())
                 err = float((p1 - p2).abs().max())
-                ok &= same and err < (1e-1 if amp else 1e-4)  # bf16 keeps about 3 digits of a logit
+                # bf16 keeps about 3 digits of a logit; the compiled step fuses and so rounds
+                # differently, and a draw near a tie may flip: there only the log-probs must agree
+                rounds_apart = amp and "compile" in kw
+                ok &= (same or rounds_apart) and err < (1e-1 if amp else 1e-4)
                 n = min(outs[0][0].shape[1], outs[1][0].shape[1])
                 rows = f"{float((outs[0][0][:, :n] == outs[1][0][:, :n]).all(1).float().mean()):.0%}"
                 print(f"{dev} sampling{' bf16 autocast, first graph step' if amp else ''}, {mode} vs "

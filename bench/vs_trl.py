@@ -136,7 +136,8 @@ def run_ours(a: argparse.Namespace) -> dict:
         # rollout: G samples per prompt, speech tokens only (eos excluded: fixed length)
         ids, mask, _, _, _ = lm.batch(prompts)  # as grpo_tts.synthesize (which samples without autocast)
         toks, _, _ = sample(lm.lm, lm.lm.get_input_embeddings()(ids), mask, a.new, eos_id=-1,
-                            temperature=1.0, generator=gen, vocab=(lm.offset, lm.offset + K), group=a.g)
+                            temperature=1.0, generator=gen, vocab=(lm.offset, lm.offset + K), group=a.g,
+                            cuda_graph=a.device == "cuda")  # as grpo_tts.py on CUDA
         outs = [[t - lm.offset for t in row] for row in toks.tolist()]  # [B*G] lists of L ids
         r = torch.tensor([reward(o) for o in outs]).view(a.b, a.g)  # [B, G]
         adv, _ = group_advantages(r, ga.scale)
@@ -244,6 +245,7 @@ def main() -> None:
             print(f"{name}: failed\n{out.stderr[-3000:]}")
             continue
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(f"{name}: {json.dumps(rows[-1])}", flush=True)  # as each ends: a cut-short run keeps it
     where = torch.cuda.get_device_name() if a.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"one GRPO step, toy TTS LM shape, B={a.b} G={a.g} new={a.new}, trl {trl.__version__}, on {where}")
     print(f"{'variant':8s} {'step s':>8s} {'peak MB':>9s}  steps (first = warm-up)")

@@ -4,7 +4,7 @@
 # on a machine with the synthesizers and pip (the GPU box has neither): a tiny ASR toy world
 # with an SFT start, a slice of the TTS world, and wheels of the other requirements. Each
 # check has its own time limit; metrics come back under $OUT. Arguments pick sections
-# (sampler rollout asr update tts kernel logprob probe), so that one lent session's minutes go
+# (sampler rollout asr update tts kernel logprob trl probe), so that one lent session's minutes go
 # where they are needed:  bash bench/gpu_check.sh sampler probe
 set -uo pipefail
 export SPEECHRL_CACHE=${SPEECHRL_CACHE:-gpu_cache}
@@ -57,6 +57,12 @@ fi
 if want logprob; then
   echo "== the log-prob benchmark"
   timeout 300 python bench/logprob.py
+fi
+if want trl; then
+  echo "== one GRPO step against TRL's GRPOTrainer"
+  python -m pip install -q --no-index --find-links "$SPEECHRL_CACHE/wheels" --find-links "$SPEECHRL_CACHE/wheels_trl" \
+    trl datasets
+  timeout 250 python bench/vs_trl.py --steps 2
 fi
 if want probe; then
   echo "== what the box has for bench/vs_trl.py"

@@ -1,9 +1,11 @@
 """Build, on a machine with the synthesizers and pip, what `bench/gpu_check.sh` carries to a
 GPU box that has neither: a tiny ASR toy world with a short SFT warm start, a slice of the
 built TTS world (its frozen models and a few manifest lines with their audio), and wheels of
-the requirements the box lacks (soundfile, jiwer, tqdm and their dependencies).
+the requirements the box lacks (soundfile, jiwer, tqdm and their dependencies), and in
+wheels_trl/ what `bench/vs_trl.py` needs there (trl, datasets and the few of their
+dependencies the box lacked).
 
-    python bench/gpu_prep.py   # into $SPEECHRL_CACHE (default gpu_cache/); carry it (about 58 MB)
+    python bench/gpu_prep.py   # into $SPEECHRL_CACHE (default gpu_cache/); carry it (about 63 MB)
 
 The TTS slice needs the toy TTS world in the normal cache (`python sft_tts.py` builds it).
 """
@@ -20,6 +22,9 @@ from common.toy import build_toy_world  # noqa: E402
 
 LINES = {"rl": 24, "dev": 8, "test-seen": 8}  # TTS manifest lines per split
 WHEELS = ["soundfile", "jiwer", "tqdm"]  # and their dependencies, for the Pythons a box may have
+# bench/vs_trl.py on the box: it had accelerate, pandas and pyarrow, not these (2026-11-27)
+TRL_WHEELS = ["trl==1.16.0", "datasets", "dill", "multiprocess", "xxhash", "fsspec",
+              "huggingface_hub>=1.31,<2", "psutil", "jinja2", "markupsafe"]
 
 
 def main() -> None:
@@ -55,6 +60,10 @@ def main() -> None:
                         "--python-version", py, "--platform", "manylinux_2_28_x86_64",
                         "--platform", "manylinux2014_x86_64", "-d", os.path.join(out, "wheels"), *WHEELS],
                        check=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                        "--python-version", py, "--platform", "manylinux_2_28_x86_64",
+                        "--platform", "manylinux2014_x86_64", "--platform", "manylinux_2_17_x86_64",
+                        "-d", os.path.join(out, "wheels_trl"), *TRL_WHEELS], check=True)
     for f in os.listdir(os.path.join(out, "wheels")):  # big, and the lent box had them (2026-11-27)
         if f.startswith(("numpy-", "typing_extensions-")):
             os.remove(os.path.join(out, "wheels", f))

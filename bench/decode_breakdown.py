@@ -1,8 +1,9 @@
 """Where a decode step of the rollout sampler spends its time on a GPU, at the issue's shape
 (Qwen2.5-0.5B, B = 128 rows, a 64-token prompt, 128 new tokens, bf16): the decode step
-eagerly, the same step replayed as a CUDA graph (what `sample(..., cuda_graph=True)` runs),
-the same step torch.compile'd and then captured as a graph, and the token pick (`_pick`:
-log-softmax over the vocabulary and a multinomial draw) that runs between replays.
+eagerly and its token pick (`_pick`: log-softmax over the vocabulary and the draw) on their
+own, then the step with its pick (and the noise drawn before each replay) as a CUDA graph
+(what `sample(..., cuda_graph=True)` runs), and the same compiled by inductor before the
+capture (`compiled=True`).
 
     python bench/decode_breakdown.py     # on CUDA; one line per part, then one JSON line
 """
@@ -61,7 +62,7 @@ def main() -> None:
         step = _graph_step(m, w, None, cache, real, p, 1.0, 0, 1.0, None)
         res["graph_step_ms"] = ms_per_call(lambda: step(tok, pos, at))
         t0 = time.perf_counter()
-        step = _graph_step(m, w, None, cache, real, p, 1.0, 0, 1.0, None, compile=True)
+        step = _graph_step(m, w, None, cache, real, p, 1.0, 0, 1.0, None, compiled=True)
         res["compile_s"] = time.perf_counter() - t0
         res["compiled_graph_step_ms"] = ms_per_call(lambda: step(tok, pos, at))
     params = sum(t.numel() for t in lm.parameters())

@@ -14,7 +14,7 @@ its prefill); `--g 1` gives B distinct prompts. A third column ("dyn.") runs our
 loop on the model's own forward and growing cache (`static_cache=False`), to show what the
 static cache changes. On CUDA a fourth ("graph") replays each decode step, pick included,
 as a CUDA graph (`cuda_graph=True`), and a fifth ("compiled") compiles that step with
-inductor before capturing it (`compile=True`; the warm-up call pays the compilation). Per
+inductor before capturing it (`compiled=True`; the warm-up call pays the compilation). Per
 decode step they are set beside the weight-read roofline (every weight read once at the
 H100's 3.35 TB/s). The last line is one JSON object.
 """
@@ -77,7 +77,7 @@ def bench(name: str, b: int, prompt: int, new: int, device: str, dtype: torch.dt
         sample(lm, emb, mask, new, eos_id=never, temperature=1.0, cuda_graph=True, group=g)
 
     def ours_compiled():  # the same, the step compiled by inductor before the capture
-        sample(lm, emb, mask, new, eos_id=never, temperature=1.0, cuda_graph=True, compile=True, group=g)
+        sample(lm, emb, mask, new, eos_id=never, temperature=1.0, cuda_graph=True, compiled=True, group=g)
 
     with torch.no_grad():
         t_ours, t_dyn = timed(ours, device, reps), timed(ours_dynamic, device, reps)

@@ -32,7 +32,7 @@ def main() -> int:
         e, _, _ = sample(lm, emb, mask, 24, eos_id=63, temperature=0.0)
         hf = lm.generate(inputs_embeds=emb, attention_mask=mask, max_new_tokens=24, do_sample=False,
                          eos_token_id=63, pad_token_id=0)
-        modes = (("graph", dict(cuda_graph=True)), ("compiled graph", dict(cuda_graph=True, compile=True)))
+        modes = (("graph", dict(cuda_graph=True)), ("compiled graph", dict(cuda_graph=True, compiled=True)))
         for mode, kw in modes:
             g, _, _ = sample(lm, emb, mask, 24, eos_id=63, temperature=0.0, **kw)
             for name, ref in (("eager static cache", e), ("HF generate", hf[:, : g.shape[1]])):
@@ -49,10 +49,12 @@ def main() -> int:
                     # draw changes a row from there on: compare the first graph step only
                     t1, t2, p1, p2 = t1[:, :2], t2[:, :2], p1[:, :2], p2[:, :2]
                 same = t1.tolist() == t2.tolist() and (amp or l1.tolist() == l2.tolist())
-                err = float((p1 - p2).abs().max())
+                agree = t1 == t2  # log-probs compared where both drew the same token
+                err = float((p1 - p2).abs()[agree].max())
+                share = float(agree.all(1).float().mean())
                 # bf16 keeps about 3 digits of a logit; the compiled step fuses and so rounds
-                # differently, and a draw near a tie may flip: there only the log-probs must agree
-                rounds_apart = amp and "compile" in kw
+                # differently, and a draw near a tie may flip: there most rows must still agree
+                rounds_apart = amp and "compiled" in kw and share >= 0.75
                 ok &= (same or rounds_apart) and err < (1e-1 if amp else 1e-4)
                 n = min(outs[0][0].shape[1], outs[1][0].shape[1])
                 rows = f"{float((outs[0][0][:, :n] == outs[1][0][:, :n]).all(1).float().mean()):.0%}"

@@ -549,7 +549,8 @@ def _fixed_step(m: nn.Module, w: torch.Tensor, b: torch.Tensor | None, cache: li
     log-prob [N])."""
     see = (real & (torch.arange(real.shape[1], device=real.device) <= slot))[:, None]  # [N, 1, S]
     h = _decode(m, m.embed_tokens(tok[:, None]), pos, cache, slot, see)[:, -1]  # [N, d]
-    return _pick(F.linear(h.to(w.dtype), w, b), temperature, top_k, top_p, None, noise)  # logits [N, V']
+    logits = F.linear(h.to(w.dtype), w, b)  # [N, V']
+    return _pick(logits, temperature, top_k, top_p, None, noise)
 
 
 _compiled_step = None  # torch.compile(_fixed_step), made once: its compiled graphs are reused across rollouts
@@ -557,24 +558,28 @@ _compiled_step = None  # torch.compile(_fixed_step), made once: its compiled gra
 
 def _graph_step(m: nn.Module, w: torch.Tensor, b: torch.Tensor | None, cache: list, real: torch.Tensor,
                 first_slot: int, temperature: float, top_k: int, top_p: float,
-                generator: torch.Generator | None, compile: bool = False):
+                generator: torch.Generator | None, compiled: bool = False):
     """`_fixed_step` with its inputs in static buffers, as a CUDA graph needs: the token,
     position and slot are copied in, and the pick's Exp(1) noise is drawn into its buffer
     from `generator` (the same numbers `_pick` would draw). On CUDA the step (forward and
     pick) is captured once as a graph and replayed: one launch per step instead of a few
-    per layer, which is where a small model's decode time goes. With `compile` it is first
-    compiled by inductor (norms, rotary, residuals and the pick fused), which halves a
-    Qwen2.5-0.5B step again. Elsewhere (and for rotary scalings that branch on the host)
-    the same step runs eagerly; the tests check it against the other path on CPU.
+    per layer, which is where a small model's decode time goes. With `compiled` it is first
+    compiled by inductor (norms, rotary, residuals and the pick fused): a Qwen2.5-0.5B step
+    is then 1.75x faster again. Each new shape or sampling setting compiles anew, and
+    after torch's recompile limit (8) the step silently runs uncompiled. Elsewhere (and for
+    rotary scalings that branch on the host) the same step runs eagerly; the tests check it
+    against the other path on CPU.
     Returns step(tok [N], pos [N, 1], slot) -> (next token [N], its log-prob [N])."""
     global _compiled_step
     n, dev = real.shape[0], real.device
     tok = torch.zeros(n, dtype=torch.long, device=dev)
     pos = torch.zeros(n, 1, dtype=torch.long, device=dev)
     slot = torch.full((1,), first_slot, dtype=torch.long, device=dev)
-    noise = torch.ones(n, w.shape[0], device=dev) if temperature > 0 else None  # [N, V'] fp32
+    noise = torch.ones(n, w.shape[0], dtype=torch.float32, device=dev) if temperature > 0 else None  # [N,V']
+    rope = str(getattr(m.rotary_emb, "rope_type", "default"))
+    host_rope = "dynamic" in rope or rope == "longrope"  # these branch on the host: no graph, no compile
     fn = _fixed_step
-    if compile:
+    if compiled and not host_rope:
         if _compiled_step is None:
             _compiled_step = torch.compile(_fixed_step, dynamic=False)
         fn = _compiled_step
@@ -583,8 +588,7 @@ def _graph_step(m: nn.Module, w: torch.Tensor, b: torch.Tensor | None, cache: li
         return fn(m, w, b, cache, real, tok, pos, slot, noise, temperature, top_k, top_p)
 
     graph, out = None, None
-    rope = str(getattr(m.rotary_emb, "rope_type", "default"))
-    if dev.type == "cuda" and "dynamic" not in rope and rope != "longrope":  # those branch on the host
+    if dev.type == "cuda" and not host_rope:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         # warm up (and compile) on a side stream (lazy inits must not happen during capture);
@@ -598,7 +602,7 @@ def _graph_step(m: nn.Module, w: torch.Tensor, b: torch.Tensor | None, cache: li
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side), torch.autocast(**amp), sdpa_kernel(kernels):
-                for _ in range(2 if compile else 1):
+                for _ in range(2 if fn is _compiled_step else 1):  # compile, then run the compiled code
                     run()
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
@@ -624,7 +628,7 @@ def sample(lm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Ten
            max_new_tokens: int, eos_id: int, pad_id: int = 0, temperature: float = 1.0,
            top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None,
            vocab: tuple[int, int] | None = None, static_cache: bool = True, cuda_graph: bool = False,
-           compile: bool = False, group: int = 1):
+           compiled: bool = False, group: int = 1):
     """Batched autoregressive sampling from left-padded prompt embeddings [B, P, d], `group`
     samples per prompt (N = B * group rows, group-major): each prompt is run once (prefill)
     and its keys and values copied to its rows, which then sample independently.
@@ -636,11 +640,13 @@ def sample(lm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Ten
     place; otherwise the model's own forward and growing cache are used (the reference the
     tests compare against). `cuda_graph` (static cache only) replays each decode step, the
     pick included, as a CUDA graph (`_graph_step`), and checks whether every row has ended
-    only every 8 steps (the check waits for the GPU); `compile` also compiles that step,
+    only every 8 steps (the check waits for the GPU); `compiled` also compiles that step,
     the cache rounded up to a multiple of 64 slots so that prompts of similar lengths share
-    one compiled step. On an H100 both draw the same tokens as the eager step in fp32 (under
-    bf16 the compiled step rounds differently), and at Qwen2.5-0.5B they decode 6.2x and
-    10.8x faster than HF generate (BENCHMARKS.md). Elsewhere the same fixed-shape step runs
+    one compiled step. In one call on an H100 both draw the same tokens as the eager step in
+    fp32 (under bf16 the compiled step rounds differently; and the steps run past the last
+    eos draw noise too, so a generator shared across calls drifts apart from the eager
+    path's), and at Qwen2.5-0.5B they decode 6.2x and 10.8x faster than HF generate
+    (BENCHMARKS.md). Elsewhere the same fixed-shape step runs
     eagerly, with no graph (what the CPU tests check); the scripts turn it on only on CUDA.
 
     Returns tokens [N, L] (pad after eos), lengths [N] (eos included; max_new_tokens if
@@ -651,13 +657,13 @@ def sample(lm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Ten
     pos_b = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, P]
     mask_b, attention_mask = attention_mask, attention_mask.repeat_interleave(group, 0)  # [B, P], [N, P]
     m = static_cache_decoder(lm) if static_cache else None
-    graph = cuda_graph and m is not None and max_new_tokens > 1
+    use_graph = cuda_graph and m is not None and max_new_tokens > 1
     if m is not None:
         head = lm.get_output_embeddings()
         w = head.weight[lo:hi]  # [V', d]: only the rows that can be sampled
         b = head.bias[lo:hi] if getattr(head, "bias", None) is not None else None
         s = p + max_new_tokens  # cache slots: the prompt, then one per new token
-        if graph and compile:
+        if use_graph and compiled:
             s = -(-s // 64) * 64  # a compiled step is specialised to the cache size
         # the cache holds what attention reads: autocast's dtype (bf16 on CUDA) if it is on
         dt = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else w.dtype
@@ -674,8 +680,8 @@ def sample(lm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Ten
             cache = [(k.repeat_interleave(group, 0), v.repeat_interleave(group, 0)) for k, v in cache]
         real = torch.cat([attention_mask.bool(), attention_mask.new_ones(n, max_new_tokens, dtype=torch.bool),
                           attention_mask.new_zeros(n, s - p - max_new_tokens, dtype=torch.bool)], 1)  # [N, S]
-        if graph:
-            step = _graph_step(m, w, b, cache, real, p, temperature, top_k, top_p, generator, compile)
+        if use_graph:
+            step = _graph_step(m, w, b, cache, real, p, temperature, top_k, top_p, generator, compiled)
     else:
         # transformers >= 5.2x renamed the cache argument; older 5.x only knows past_key_values
         cache_kw = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
@@ -688,17 +694,20 @@ def sample(lm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Ten
     tokens, logps = [], []
     done = torch.zeros(n, dtype=torch.bool, device=dev)
     lengths = torch.full((n,), max_new_tokens, dtype=torch.long, device=dev)
-    every = 8 if graph else 1  # steps between the done-checks
+    bad = torch.zeros(n, dtype=torch.bool, device=dev)  # a NaN/inf probability (checked once, at the end)
+    # steps between the done-checks; 1 off the graph, so that seeded CPU runs draw as they always did
+    every = 8 if use_graph else 1
     tok, lp = _pick(logits, temperature, top_k, top_p, generator)  # the first token, from the prefill
     for t in range(max_new_tokens):
         tok = (tok + lo).masked_fill(done, pad_id)
         tokens.append(tok)
         logps.append(lp.masked_fill(done, 0.0))
+        bad |= ~done & ~torch.isfinite(lp)
         lengths = torch.where(~done & (tok == eos_id), t + 1, lengths)
         done = done | (tok == eos_id)
         if t == max_new_tokens - 1 or (t % every == every - 1 and bool(done.all())):
             break
-        if graph:
+        if use_graph:
             tok, lp = step(tok, next_pos, p + t)  # [N], [N]
         else:
             if m is not None:
@@ -712,6 +721,9 @@ def sample(lm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Ten
                 cache, logits = out.past_key_values, out.logits[:, -1, lo:hi]
             tok, lp = _pick(logits, temperature, top_k, top_p, generator)
         next_pos = next_pos + 1
+    if bool(bad.any()):  # torch.multinomial raised on these; argmax(p / q) would pick silently
+        raise ValueError(f"sample: non-finite probabilities in {int(bad.sum())} of {n} rows "
+                         "(has the model diverged?)")
     width = int(lengths.max())  # past the last eos only padding (steps run between done-checks)
     return torch.stack(tokens, 1)[:, :width], lengths, torch.stack(logps, 1)[:, :width]
 

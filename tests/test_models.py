@@ -1,5 +1,6 @@
 """Real-checkpoint loading with tiny configs, minGPT-style parity with the transformers
 classes we wrap, checkpoint round trips, and the sampler against HF generate."""
+import os
 import shutil
 
 import pytest
@@ -9,6 +10,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM, WhisperConfig, WhisperFe
 
 from common.models import (
     SpeechLLM,
+    _pick,
     build_toy_asr,
     collate,
     load_qwen2_audio,
@@ -267,14 +269,58 @@ def test_fixed_shape_decode_step_equals_the_static_cache(autocast):
     torch.testing.assert_close(p1, p2, rtol=tol, atol=tol)
 
 
-@pytest.mark.skipif(shutil.which("cc") is None, reason="torch.compile on CPU needs a C compiler")
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,
+                    reason="torch.compile on CPU needs a C++ compiler")
 def test_compiled_decode_step_equals_the_static_cache():
-    """`compile=True` (inductor over the fixed-shape step and its pick, the cache rounded up
+    """`compiled=True` (inductor over the fixed-shape step and its pick, the cache rounded up
     to 64 slots): the same draws, lengths and log-probs as the eager static cache. About
     20 s on 2 CPU cores, most of it compiling."""
-    (t1, l1, p1), (t2, l2, p2) = _draws(cuda_graph=True, compile=True), _draws()
+    (t1, l1, p1), (t2, l2, p2) = _draws(cuda_graph=True, compiled=True), _draws()
     assert t1.tolist() == t2.tolist() and l1.tolist() == l2.tolist()
     torch.testing.assert_close(p1, p2, rtol=1e-5, atol=1e-5)
+
+
+def test_the_pick_draws_as_torch_multinomial():
+    """`_pick` spells out torch.multinomial(p, 1) as argmax(p / q), q ~ Exp(1), so that a CUDA
+    graph can replay the draw: the same tokens from the same generator, which ends in the same
+    state (so every seeded run draws as it did with torch.multinomial)."""
+    logits = torch.randn(64, 300) * 3
+    logits[:, :50] = float("-inf")  # filtered ids, as top-k/top-p leave them
+    g1, g2 = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    ref = torch.multinomial(torch.softmax(logits, -1), 1, generator=g1).squeeze(1)
+    tok, lp = _pick(logits, 1.0, 0, 1.0, g2)
+    assert tok.tolist() == ref.tolist() and torch.equal(g1.get_state(), g2.get_state())
+    torch.testing.assert_close(lp, torch.log_softmax(logits, -1).gather(1, ref[:, None]).squeeze(1))
+
+
+def test_graph_step_trims_when_every_row_ends_early():
+    """The fixed-shape (graph) path checks for the end only every 8 steps and so runs past
+    the last eos; its output is cut back to the longest row: the same shape, tokens, lengths
+    and log-probs as the eager path, which stops at once."""
+    torch.manual_seed(0)
+    lm = Qwen2ForCausalLM(Qwen2Config(vocab_size=4, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2)).eval()  # eos (3) is one id in 4: it comes soon
+    emb, mask = torch.randn(8, 4, 32), torch.ones(8, 4, dtype=torch.long)
+    outs = [sample(lm, emb, mask, max_new_tokens=20, eos_id=3, temperature=1.0,
+                   generator=torch.Generator().manual_seed(1), **kw) for kw in (dict(cuda_graph=True), {})]
+    (t1, l1, p1), (t2, l2, p2) = outs
+    assert t1.shape[1] < 8 and t1.shape == t2.shape and t1.tolist() == t2.tolist()  # every row ended early
+    assert l1.tolist() == l2.tolist() and int(l1.max()) == t1.shape[1]
+    torch.testing.assert_close(p1, p2, rtol=1e-5, atol=1e-5)
+
+
+def test_sampler_refuses_non_finite_probabilities():
+    """A diverged policy (NaN logits) stops the rollout with a clear error instead of
+    sampling garbage silently."""
+    torch.manual_seed(0)
+    lm = Qwen2ForCausalLM(Qwen2Config(vocab_size=12, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=1, num_attention_heads=4,
+                                      num_key_value_heads=2)).eval()
+    with torch.no_grad():
+        lm.lm_head.weight[3, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite probabilities in 2 of 2 rows"):
+        sample(lm, torch.randn(2, 3, 32), torch.ones(2, 3, dtype=torch.long), 4, eos_id=11)
 
 
 @pytest.mark.parametrize("path", [dict(), dict(cuda_graph=True), dict(static_cache=False)])

@@ -49,6 +49,49 @@ def test_grads_when_only_one_output_is_used(monkeypatch):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def _naive_kl(h, w, hr, wr):
+    logp = torch.log_softmax((h @ w.T).double(), -1)
+    logq = torch.log_softmax((hr @ wr.T).double(), -1)
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+@pytest.mark.parametrize("n, v, d", [(1, 2, 1), (7, 13, 5), (33, 1001, 17)])
+def test_full_distribution_kl_equals_naive(n, v, d, monkeypatch):
+    """SPEC D3 in the same pass: KL(p || q) over the whole vocabulary at each position
+    against a reference's own hidden states and head (another width here), values and
+    gradients of a mix of lp, entropy and KL against autograd through the naive version;
+    the reference gets no gradient."""
+    monkeypatch.setattr(L, "CHUNK_ELEMS", 3 * v)  # several chunks of rows and of the vocabulary
+    h, w, y = _case(n, v, d)
+    hr, wr, _ = _case(n, v, d + 2, seed=1)
+    lp, ent, kl = token_logprobs(h, w, y, with_entropy=True, ref=(hr, wr))
+    torch.testing.assert_close(kl, _naive_kl(h, w, hr, wr), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lp, naive_token_logprobs(h, w, y), rtol=1e-5, atol=1e-6)
+    assert (kl >= -1e-9).all()
+    g1, g2, g3 = (torch.randn(n, dtype=torch.float64) for _ in range(3))
+    gh, gw = torch.autograd.grad((lp * g1 + ent * g2 + kl * g3).sum(), (h, w))
+    naive_kl = _naive_kl(h, w, hr.detach(), wr.detach())
+    ref = (naive_token_logprobs(h, w, y) * g1 + _naive_entropy(h, w) * g2 + naive_kl * g3).sum()
+    rh, rw = torch.autograd.grad(ref, (h, w))
+    torch.testing.assert_close(gh, rh, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gw, rw, rtol=1e-5, atol=1e-6)
+    lp2, kl2 = token_logprobs(h, w, y, ref=(hr, wr))  # without the entropy: (lp, kl)
+    torch.testing.assert_close(kl2, kl)
+    assert hr.grad is None and wr.grad is None
+    (kl2 * g3).sum().backward()  # the KL's gradient alone
+    rh, rw = torch.autograd.grad((_naive_kl(h, w, hr.detach(), wr.detach()) * g3).sum(), (h, w))
+    torch.testing.assert_close(h.grad, rh, rtol=1e-5, atol=1e-6)
+    assert hr.grad is None and wr.grad is None
+
+
+def test_kl_against_itself_is_zero():
+    h, w, y = _case(9, 40, 6)
+    _, kl = token_logprobs(h, w, y, ref=(h, w))
+    torch.testing.assert_close(kl, torch.zeros(9, dtype=torch.float64), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="ref hidden"):
+        token_logprobs(h, w, y, ref=(h[:5], w))
+
+
 def test_float32_matches_float64_reference():
     h, w, y = _case(20, 300, 16, dtype=torch.float32)
     lp = token_logprobs(h, w, y)

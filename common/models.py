@@ -694,7 +694,6 @@ def sample(lm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Ten
     tokens, logps = [], []
     done = torch.zeros(n, dtype=torch.bool, device=dev)
     lengths = torch.full((n,), max_new_tokens, dtype=torch.long, device=dev)
-    bad = torch.zeros(n, dtype=torch.bool, device=dev)  # a NaN/inf probability (checked once, at the end)
     # steps between the done-checks; 1 off the graph, so that seeded CPU runs draw as they always did
     every = 8 if use_graph else 1
     tok, lp = _pick(logits, temperature, top_k, top_p, generator)  # the first token, from the prefill
@@ -702,7 +701,6 @@ def sample(lm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Ten
         tok = (tok + lo).masked_fill(done, pad_id)
         tokens.append(tok)
         logps.append(lp.masked_fill(done, 0.0))
-        bad |= ~done & ~torch.isfinite(lp)
         lengths = torch.where(~done & (tok == eos_id), t + 1, lengths)
         done = done | (tok == eos_id)
         if t == max_new_tokens - 1 or (t % every == every - 1 and bool(done.all())):
@@ -721,11 +719,13 @@ def sample(lm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Ten
                 cache, logits = out.past_key_values, out.logits[:, -1, lo:hi]
             tok, lp = _pick(logits, temperature, top_k, top_p, generator)
         next_pos = next_pos + 1
-    if bool(bad.any()):  # torch.multinomial raised on these; argmax(p / q) would pick silently
+    logps = torch.stack(logps, 1)  # [N, L]; 0 past a row's eos
+    bad = ~torch.isfinite(logps).all(1)  # a NaN/inf probability: torch.multinomial raised on
+    if bool(bad.any()):  # these, argmax(p / q) would pick silently
         raise ValueError(f"sample: non-finite probabilities in {int(bad.sum())} of {n} rows "
                          "(has the model diverged?)")
     width = int(lengths.max())  # past the last eos only padding (steps run between done-checks)
-    return torch.stack(tokens, 1)[:, :width], lengths, torch.stack(logps, 1)[:, :width]
+    return torch.stack(tokens, 1)[:, :width], lengths, logps[:, :width]
 
 
 # ---------------------------------------------------------------- batching and greedy decoding

@@ -255,17 +255,18 @@ def test_resume_continues_exactly(tiny, tmp_path, monkeypatch):
 def test_options_run_end_to_end(tiny, tmp_path, monkeypatch):
     """μ = 2 inner updates (ρ moves off 1 on the second), Dr.GRPO scaling and aggregation,
     clip-higher, and dropping all-equal groups, together for two steps. --cuda_graph (on by
-    default) reaches the sampler only on CUDA."""
+    default) reaches the sampler only on CUDA; --compile_sampler reaches it as given."""
     graph_args, real_sample = [], g.sample
     monkeypatch.setattr(g, "sample",
-                        lambda *x, **k: graph_args.append(k["cuda_graph"]) or real_sample(*x, **k))
+                        lambda *x, **k: graph_args.append((k["cuda_graph"], k["compiled"]))
+                        or real_sample(*x, **k))
     g.main(_run_args(tiny, tmp_path, mu=2, scale="none", loss_agg="dr_grpo", eps_high=0.28,
-                     drop_zero_std=True, temperature=1.5, top_k=5, top_p=0.9))
+                     drop_zero_std=True, temperature=1.5, top_k=5, top_p=0.9, compile_sampler=True))
     rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
     assert len(rows) == 2 and all(r["completions/max_length"] <= 6 for r in rows)
     # dropped groups: a step whose groups are all equal makes no update (no loss logged)
     assert all(("loss" in r) == (r["frac_reward_zero_std"] < 1.0) for r in rows)
-    assert graph_args == [False, False]  # device cpu: no CUDA graph, whatever the flag
+    assert graph_args == [(False, True)] * 2  # device cpu: no CUDA graph, whatever the flag
 
 
 def test_nan_reward_is_named_counted_and_the_run_goes_on(tiny, tmp_path, monkeypatch, caplog):

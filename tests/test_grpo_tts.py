@@ -283,20 +283,21 @@ def test_options_run_end_to_end(world, tmp_path, monkeypatch):
     duration ratio)."""
     graph_args, real_sample = [], g.sample  # --cuda_graph (on by default) reaches the sampler only on CUDA
     monkeypatch.setattr(g, "sample",
-                        lambda *x, **k: graph_args.append(k["cuda_graph"]) or real_sample(*x, **k))
+                        lambda *x, **k: graph_args.append((k["cuda_graph"], k["compiled"]))
+                        or real_sample(*x, **k))
     texts = tmp_path / "texts" / "manifest.jsonl"
     texts.parent.mkdir()
     texts.write_text(json.dumps({"key": "a", "text": "alpha bravo two"}) + "\n")
     seen = os.path.join(world["world"], "test-seen", "manifest.jsonl")
     s = g.main(_args(world, tmp_path, reward_on="wav", mu=2, scale="batch", loss_agg="dapo", eps_high=0.28,
                      top_k=8, top_p=0.9, eval_temperature=0.7, audio_every=10, drop_zero_std=True,
-                     batch_size=TINY["rl"] + 2, test_data=[seen, str(texts)]))
+                     batch_size=TINY["rl"] + 2, test_data=[seen, str(texts)], compile_sampler=True))
     rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
     assert len(rows) == 2 and all(r["completions/max_length"] <= 12 for r in rows)  # eos within the 12
     assert all(0.0 <= r["rewards/acc/mean"] <= 1.0 for r in rows)
     assert s["after"]["test-seen"]["n"] == TINY["test-seen"] and s["after"]["texts"]["n"] == 1
     assert s["resynth_cer"]["texts"] is None and s["after"]["texts"]["dur_ratio"] is None
-    assert graph_args and not any(graph_args)  # device cpu: no CUDA graph, whatever the flag
+    assert graph_args and set(graph_args) == {(False, True)}  # cpu: no graph; the compile flag passed
 
 
 def test_nan_reward_is_named_counted_and_the_run_goes_on(world, tmp_path, monkeypatch, caplog):

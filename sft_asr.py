@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import parse_args
+from common import cache_lock, parse_args
 from common.data import Skips, corpus_error, length_batches, load_audio_items, read_data, set_names
 from common.logprob import token_logprobs
 from common.models import SpeechLLM, build_toy_asr, collate, load_qwen2_audio, load_real_asr, transcribe
@@ -231,8 +231,9 @@ def toy_warm_start() -> str:
     data = [open(world[s], "rb").read().decode() for s in ("train", "dev")]  # what SFT reads
     key = hashlib.sha1(json.dumps([data, recipe], sort_keys=True, default=str).encode()).hexdigest()[:10]
     a.out_dir = os.path.join(cache_root(), f"asr-sft-{key}")
-    if not os.path.isfile(os.path.join(a.out_dir, "summary.json")):
-        main(a)
+    with cache_lock(a.out_dir):  # runs started side by side train it once
+        if not os.path.isfile(os.path.join(a.out_dir, "summary.json")):
+            main(a)
     return os.path.join(a.out_dir, "best")
 
 

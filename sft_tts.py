@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import cpu_has_bf16, parse_args
+from common import cache_lock, cpu_has_bf16, parse_args
 from common.audio import log_mel
 from common.data import Skips, corpus_error, length_batches, load_audio_items, read_data
 from common.logprob import token_logprobs
@@ -381,10 +381,20 @@ def build_tts_world(a: Args | None = None, upto: str = "tts_lm") -> dict[str, st
              "eval_asr": os.path.join(dirs["judges"], "eval_asr"),
              "speaker": os.path.join(dirs["judges"], "speaker"),
              "tts_lm": os.path.join(dirs["tts_lm"], "tts_lm")}
-    todo = [s for s in STAGES[: STAGES.index(upto) + 1]
-            if not os.path.isfile(os.path.join(dirs[s], "done.json"))]
-    if not todo:
+
+    def todo():
+        return [s for s in STAGES[: STAGES.index(upto) + 1]
+                if not os.path.isfile(os.path.join(dirs[s], "done.json"))]
+
+    if not todo():
         return paths
+    with cache_lock(os.path.dirname(dirs["tts_lm"])):  # runs side by side build the world once
+        if todo():  # what is still missing once no other process is building
+            _build_stages(a, todo(), world, dirs, paths)
+    return paths
+
+
+def _build_stages(a: Args, todo: list[str], world: str, dirs: dict[str, str], paths: dict[str, str]) -> None:
     skips = Skips()
     names = ["train", "dev"]
     splits = {n: load_split(os.path.join(world, n, "manifest.jsonl"), skips)
@@ -407,7 +417,6 @@ def build_tts_world(a: Args | None = None, upto: str = "tts_lm") -> dict[str, st
         with open(os.path.join(dirs[s], "done.json"), "w") as f:
             json.dump({"args": asdict(a), "report": rep}, f, indent=1)
         print(f"stage {s}: {json.dumps({k: v for k, v in rep.items() if k != 'history'})}")
-    return paths
 
 
 if __name__ == "__main__":

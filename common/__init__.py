@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import fcntl
 import inspect
 import json
 import math
@@ -139,6 +141,24 @@ def stamp(path: str) -> list:
         st = os.stat(os.path.join(path, name) if name else path)
         out.append([os.path.abspath(path), name, st.st_size, st.st_mtime_ns])
     return out
+
+
+@contextlib.contextmanager
+def cache_lock(path: str):
+    """Hold an exclusive lock (`path`.lock) while the cached artefact at `path` is built, so
+    that runs started side by side on a cold cache build it once: the others wait here, then
+    find it built. The lock is the kernel's (flock): a crashed builder leaves no stale lock."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another process that is building {path}", flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def cached_json(path: str, compute) -> dict:

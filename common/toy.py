@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from tqdm import tqdm
 
+from common import cache_lock
 from common.audio import load_audio, write_wav
 
 RECIPE_VERSION = 1
@@ -256,6 +257,14 @@ def build_toy_world(sizes: dict[str, int] | None = None, seed: int = 0, root: st
     manifests = {s: os.path.join(out, s, "manifest.jsonl") for s in r["sizes"]}
     if os.path.isfile(os.path.join(out, "recipe.json")):
         return manifests
+    with cache_lock(out):  # runs started side by side build the corpus once
+        if not os.path.isfile(os.path.join(out, "recipe.json")):  # not built while waiting
+            _synthesise(r, out, progress, workers)
+    return manifests
+
+
+def _synthesise(r: dict, out: str, progress: bool, workers: int) -> None:
+    """Synthesise recipe `r` into `out` (through `out`.partial, renamed when complete)."""
     check_synthesizers()
     tmp = out + ".partial"  # synthesised files survive an interrupted build
     plan = _plan(r)
@@ -289,7 +298,6 @@ def build_toy_world(sizes: dict[str, int] | None = None, seed: int = 0, root: st
     with open(os.path.join(tmp, "recipe.json"), "w") as f:
         json.dump(r, f, indent=1)
     os.replace(tmp, out)
-    return manifests
 
 
 def len_seconds(path: str) -> float:

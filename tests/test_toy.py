@@ -2,10 +2,14 @@ import json
 import math
 import os
 import random
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
+import common.toy
+from common import cache_lock
 from common.data import normalize
 from common.toy import (
     KEYWORDS,
@@ -95,3 +99,44 @@ def test_tiny_build_is_split_by_voice_and_cached(tmp_path):
     stamp = os.path.getmtime(m["train"])
     assert build_toy_world(sizes, root=str(tmp_path), progress=False) == m  # cached: no rebuild
     assert os.path.getmtime(m["train"]) == stamp
+
+
+def test_builds_started_side_by_side_synthesise_once(tmp_path, monkeypatch):
+    """Two runs on a cold cache (two seeds launched together): one builds, the other waits
+    for it and reads the result; without the lock both synthesise and one rename fails."""
+    calls, count = [], threading.Lock()
+    real = common.toy.synthesize
+
+    def counted(*args):
+        with count:
+            calls.append(args[2])
+        real(*args)
+
+    monkeypatch.setattr(common.toy, "synthesize", counted)
+    sizes = {"train": 4, "dev": 2, "test-seen": 2, "test-unseen": 3}
+    with ThreadPoolExecutor(2) as pool:
+        ms = list(pool.map(lambda _: build_toy_world(sizes, root=str(tmp_path), progress=False), range(2)))
+    assert ms[0] == ms[1] and all(os.path.isfile(p) for p in ms[0].values())
+    assert len(calls) == sum(sizes.values())  # each utterance synthesised once
+
+
+def test_cache_lock_excludes_and_is_released(tmp_path):
+    path, order = str(tmp_path / "thing"), []
+    inside = threading.Event()
+
+    def holder():
+        with cache_lock(path):
+            inside.set()
+            order.append("a in")
+            threading.Event().wait(0.3)
+            order.append("a out")
+
+    t = threading.Thread(target=holder)
+    t.start()
+    inside.wait()
+    with cache_lock(path):  # blocks until the holder leaves
+        order.append("b in")
+    t.join()
+    assert order == ["a in", "a out", "b in"]
+    with cache_lock(path):  # released: taken again at once
+        pass

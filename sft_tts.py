@@ -82,8 +82,10 @@ class Args:
     """TTS LM layers"""
     lm_lr: float = 1e-3
     """TTS LM peak learning rate"""
-    lm_minutes: float = 45.0
+    lm_minutes: float = 35.0
     """TTS LM budget; it stops earlier when dev NLL stops improving"""
+    lm_prompt_loss: float = 1.0
+    """SFT loss weight on the prompt's speech tokens (CosyVoice 2 learns them all; 0 = outputs only)"""
     lm_bf16: bool = field(default_factory=cpu_has_bf16)
     """bf16 autocast for the TTS LM; default: on where the CPU has avx512_bf16 (elsewhere it is emulated)"""
     batch_size: int = 32
@@ -117,6 +119,8 @@ def cached(a: Args, world: str, stage: str) -> str:
                                                                "every": a.eval_every}
     if a.max_steps:
         cfg["max_steps"] = a.max_steps
+    if "tts_lm" in upto and a.lm_prompt_loss:  # 0 adds nothing: the older LMs' hashes hold
+        cfg["lm_prompt_loss"] = a.lm_prompt_loss
     if a.tokens != "mel":  # mel tokens add nothing, so the hashes of mel worlds hold
         cfg |= {"tokens": a.tokens, "tok_asr_minutes": a.tok_asr_minutes, "judge_batch": a.judge_batch}
     # a stage whose code changed gets a new folder; version 1 adds nothing, so old hashes hold
@@ -324,6 +328,21 @@ def tts_examples(lm: TTSLM, utts, toks: dict, pool=None, pool_toks=None, rng=Non
     return ex
 
 
+def prompt_speech_targets(lm: TTSLM, ex: list[tuple[list[int], list[int]]], width: int):
+    """For the left-padded rows (width `width`) that `TTSLM.batch` makes of (prompt, output)
+    pairs: the flat positions that predict each of the prompt's speech tokens (`<sos>`
+    predicts the first) and those tokens as out-slice ids. An SFT-only extra target: the
+    prompt speech is the speech of the prompt text, and CosyVoice 2 learns every speech
+    token of an utterance; RL's log-probs never include it."""
+    pos, y = [], []
+    for i, (p, out) in enumerate(ex):
+        start = i * width + width - len(p) - (len(out) - 1)  # where row i's sequence begins
+        k = p.index(lm.sos_id)
+        pos.extend(range(start + k, start + len(p) - 1))  # <sos> .. the next-to-last prompt token
+        y.extend(t - lm.offset for t in p[k + 1:])
+    return torch.tensor(pos, dtype=torch.long), torch.tensor(y, dtype=torch.long)
+
+
 def build_tts_lm(a, out, splits, tokens):
     torch.manual_seed(a.seed)
     lm = build_toy_tts(vocabulary(), a.n_tokens, a.lm_d, a.lm_layers, seed=a.seed)
@@ -331,10 +350,15 @@ def build_tts_lm(a, out, splits, tokens):
     rng = random.Random(a.seed)
     dev_ex = tts_examples(lm, dev_u, tokens["dev"], tr_u, tokens["train"])
 
-    def nll(ex):
+    def nll(ex, w_prompt: float = 0.0):
         ids, mask, pos, pred, y = lm.batch([p for p, _ in ex], [o for _, o in ex])
         hid = lm.lm.base_model(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
-        return -token_logprobs(hid.flatten(0, 1)[pred], lm.head(), y).mean()  # speech tokens + eos only
+        hid = hid.flatten(0, 1)  # [N*L, d]
+        loss = -token_logprobs(hid[pred], lm.head(), y).mean()  # the outputs: speech tokens + eos
+        if w_prompt:  # the prompt's speech tokens, each from the position before it
+            ppred, py = (t.to(hid.device) for t in prompt_speech_targets(lm, ex, ids.shape[1]))
+            loss = loss - w_prompt * token_logprobs(hid[ppred], lm.head(), py).mean()
+        return loss
 
     queue: list[list] = []  # this epoch's batches, fresh prompts and order every epoch
 
@@ -345,9 +369,9 @@ def build_tts_lm(a, out, splits, tokens):
             batches = length_batches(lens, a.batch_size, seed=rng.randrange(2**31))
             queue.extend([ex[i] for i in b] for b in batches)
         with torch.autocast("cpu", torch.bfloat16, enabled=a.lm_bf16):
-            return nll(queue.pop())
+            return nll(queue.pop(), a.lm_prompt_loss)
 
-    def dev_fn():
+    def dev_fn():  # the outputs only, whatever the training loss
         lm.eval()
         with torch.no_grad():
             d = sum(float(nll(dev_ex[s : s + 64])) * len(dev_ex[s : s + 64])

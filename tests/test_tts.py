@@ -21,6 +21,7 @@ from common.tts import (
     nearest,
     save_module,
 )
+from sft_tts import prompt_speech_targets
 
 
 def test_kmeans_finds_separated_clusters():
@@ -149,6 +150,20 @@ def test_tts_layout_masks_the_prompt():
     assert mask[1].sum() == len(p) and mask[1, :2].sum() == 0
     assert lm.head().shape == (11, 32)  # speech tokens + eos rows of the LM head
     assert lm.out_slice == (lm.offset, lm.eos_id + 1)
+
+
+def test_sft_prompt_speech_targets():
+    """The SFT-only extra targets: every prompt speech token, predicted from the position
+    before it (`<sos>` predicts the first), found in rows of different left padding."""
+    lm = build_toy_tts(vocabulary(), n_speech=10, d=32, layers=1, heads=2)
+    ex = [(lm.prompt("one two", "three", [4, 5, 6]), [1, 2, 3, 10]),
+          (lm.prompt("four", "five", [8, 9]), [7, 10])]
+    ids, *_ = lm.batch([p for p, _ in ex], [o for _, o in ex])
+    pos, y = prompt_speech_targets(lm, ex, ids.shape[1])
+    assert y.tolist() == [4, 5, 6, 8, 9]
+    flat = ids.flatten()
+    assert (flat[pos + 1] - lm.offset).tolist() == y.tolist()  # each target is the next input token
+    assert flat[pos].tolist() == [lm.sos_id, lm.offset + 4, lm.offset + 5, lm.sos_id, lm.offset + 8]
 
 
 def _whole_sequence_hidden(lm, prompts, outs, G):

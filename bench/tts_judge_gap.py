@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.getcwd())
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 import grpo_tts as g
 from common.data import Skips, corpus_error
 from common.tts import load_judge, load_module

@@ -90,7 +90,7 @@ class Args:
     max_new_tokens: int = 200
     """length limit of a sampled token sequence (8 s at 25 Hz); hitting it means no eos"""
     lr: float = 5e-5
-    """AdamW learning rate (paper: 1e-5 for 0.5B; 5e-5 chosen on toy dev against 1e-4 and 1e-5)"""
+    """AdamW learning rate (paper: 1e-5 for 0.5B; 5e-5 chosen on toy dev against 1e-4, README)"""
     beta: float = 0.1
     """KL weight (Eq. G5); 0 skips loading the reference model"""
     eps_low: float = 0.2

@@ -512,7 +512,8 @@ def main(a: Args) -> dict:
                     for f in (c.utt.audio, c.prompt_audio) if f})  # what the manifests point to
     key = json.dumps({"files": [stamp(p) for p in [*parts, a.dev_data, *a.test_data, *audio]],
                       "prompt_text": a.prompt_text,  # its audio, where used, is among `audio`
-                      "settings": [a.max_new_tokens, a.eval_temperature, a.top_k, a.top_p, a.reward_on,
+                      "settings": [a.max_new_tokens, a.eval_temperature,  # greedy ignores top-k/p and seed
+                                   *((a.top_k, a.top_p) if a.eval_temperature > 0 else (0, 1.0)), a.reward_on,
                                    a.device, a.bf16, a.seed if a.eval_temperature > 0 else None],
                       "code": [hashlib.sha1(c.encode()).hexdigest() for c in code]})
     cache = os.path.join(cache_root(), "tts-eval", hashlib.sha1(key.encode()).hexdigest()[:16])
@@ -523,7 +524,8 @@ def main(a: Args) -> dict:
         "before": {name: evaluate(lm, c, judges, a) for name, c in tests.items()},
         "floor": {name: resynth_cer(c, judges) for name, c in tests.items()},
         "dev": evaluate(lm, dev, judges, a)})
-    room = cached_json(f"{cache}-sampling-s{a.seed}.json", lambda: sampling_report(lm, dev, judges, a))
+    trunc = (f"-k{a.top_k}" if a.top_k else "") + (f"-p{a.top_p}" if a.top_p < 1 else "")  # the sampler's
+    room = cached_json(f"{cache}-sampling-s{a.seed}{trunc}.json", lambda: sampling_report(lm, dev, judges, a))
     before, floor, dev_log = pre["before"], pre["floor"], [{"step": 0, **pre["dev"]}]
     best_cer = dev_log[0]["cer"]
     print(f"before RL: dev CER {best_cer:.4f}; sampling on dev: {room}")

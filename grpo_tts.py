@@ -26,15 +26,15 @@ from tqdm import tqdm
 
 from common import cached_json, changed_flags, parse_args, peak_mem_mb, plot_curves, stamp
 from common.audio import f0, load_audio, log_mel, write_wav
-from common.data import Skips, Utt, corpus_error, error_rate, read_data, set_names
+from common.data import Skips, corpus_error, error_rate, read_data, set_names
 from common.logprob import token_logprobs
 from common.models import sample
 from common.toy import cache_root
 from common.tts import (
     TTSLM,
-    SemanticTokenizer,
-    SpeechTokenizer,
+    Cond,
     Token2Mel,
+    conditions,
     load_judge,
     load_module,
     mel_to_wav,
@@ -141,62 +141,6 @@ class Args:
     """with --cuda_graph, torch.compile that step too (1.75x at 0.5B; each new shape recompiles, up to 8)"""
     resume: bool = True
     """continue from out_dir/last (saved at every dev evaluation) if it exists"""
-
-
-# ------------------------------------------------------------------ conditions
-@dataclass
-class Cond:
-    """One text to speak: its prompt (the CosyVoice 2 layout's ids), the prompt's log-mel
-    (for speaker similarity) and audio file, and, when real audio of the text exists, its
-    token count."""
-
-    utt: Utt
-    prompt_ids: list[int]
-    prompt_mel: torch.Tensor  # [T, 80]
-    ref_len: int | None
-    prompt_audio: str
-
-
-def conditions(path: str, lm: TTSLM, tok: SpeechTokenizer | SemanticTokenizer, skips: Skips,
-               a: Args) -> list[Cond]:
-    """Each line's prompt: its own prompt_audio, else the next line of the same speaker,
-    else the default prompt voice (--prompt_audio)."""
-    utts = read_data(path, skips, need_audio=False)
-    mels: dict[str, torch.Tensor] = {}
-
-    def mel_of(p: str) -> torch.Tensor:
-        if p not in mels:
-            mels[p] = log_mel(load_audio(p, 30.0))
-        return mels[p]
-
-    by_speaker: dict[str, list[int]] = {}  # lines with audio, per speaker, in file order
-    for i, u in enumerate(utts):
-        if u.speaker and u.audio:
-            by_speaker.setdefault(u.speaker, []).append(i)
-    out = []
-    for i, u in enumerate(utts):
-        peers = [j for j in by_speaker.get(u.speaker or "", []) if j != i]
-        nxt = next((j for j in peers if j > i), peers[0] if peers else None)  # the next line of its voice
-        if u.prompt_audio:
-            p_audio, p_text = u.prompt_audio, u.prompt_text or ""
-        elif nxt is not None:
-            p_audio, p_text = utts[nxt].audio, utts[nxt].text
-        elif a.prompt_audio:
-            p_audio, p_text = a.prompt_audio, a.prompt_text
-        else:
-            skips.warn(u.src, "no prompt voice",
-                       "no prompt_audio, no other line of its speaker, no --prompt_audio")
-            continue
-        try:
-            pm = mel_of(p_audio)
-            ref = len(tok.encode(mel_of(u.audio))) if u.audio else None
-        except Exception as e:  # unreadable, silent, too long ...: named, counted, skipped
-            skips.warn(u.src, "bad audio", str(e))
-            continue
-        out.append(Cond(u, lm.prompt(p_text, u.text, tok.encode(pm).tolist()), pm, ref, p_audio))
-    if not out:
-        raise ValueError(f"{path}: nothing usable (skipped: {skips.as_dict()})")
-    return out
 
 
 # ------------------------------------------------------------------ synthesis and judges
@@ -445,10 +389,10 @@ def sampling_report(lm: TTSLM, conds: list[Cond], judges: dict, a: Args, g: int 
             "no_eos": 1 - sum(ended) / len(ended), "g": g}
 
 
-# The code that judges the SFT start (with common/): its figures are cached under a hash of
-# it, so a change to the RL loop or the loss does not make the next run judge the start again.
-JUDGING = (Cond, conditions, synthesize, speech_of, judge_mels, transcribe, evaluate, resynth_cer,
-           sampling_report)
+# The code that judges the SFT start (with common/, where `conditions` is): its figures are
+# cached under a hash of it, so a change to the RL loop or the loss does not make the next run
+# judge the start again.
+JUDGING = (synthesize, speech_of, judge_mels, transcribe, evaluate, resynth_cer, sampling_report)
 
 
 def plot(out_dir: str, log: list[dict], dev: list[dict]) -> None:
@@ -488,7 +432,7 @@ def main(a: Args) -> dict:
               "eval_asr": load_judge(a.eval_asr, a.device),
               "spk": load_module(a.speaker_model, a.device)}
     skips = Skips()
-    tests = {n: conditions(p, lm, judges["tok"], skips, a)
+    tests = {n: conditions(p, lm, judges["tok"], skips, a.prompt_audio, a.prompt_text)
              for n, p in zip(set_names(a.test_data), a.test_data, strict=True)}
     if a.eval_only:
         one = len(tests) == 1  # one set: audio/<key>.wav; several: audio/<set>/<key>.wav
@@ -497,8 +441,8 @@ def main(a: Args) -> dict:
         with open(os.path.join(a.out_dir, "summary.json"), "w") as fh:
             json.dump({"init": a.init, "test": res, "skipped": skips.as_dict()}, fh, indent=1)
         return {"test": res}
-    conds = conditions(a.data, lm, judges["tok"], skips, a)
-    dev = conditions(a.dev_data, lm, judges["tok"], skips, a)
+    conds = conditions(a.data, lm, judges["tok"], skips, a.prompt_audio, a.prompt_text)
+    dev = conditions(a.dev_data, lm, judges["tok"], skips, a.prompt_audio, a.prompt_text)
     fixed = dev[: a.n_audio]  # the fixed texts a user listens to
     evaluate(lm, fixed, judges, a, os.path.join(a.out_dir, "audio", "step_0000"))
     # The SFT start's figures depend only on the checkpoints, the manifests, the decoding

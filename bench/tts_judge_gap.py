@@ -12,7 +12,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 import grpo_tts as g
 from common.data import Skips, corpus_error
-from common.tts import load_judge, load_module
+from common.tts import conditions, load_judge, load_module
 from sft_tts import build_tts_world
 
 torch.set_num_threads(1)
@@ -23,7 +23,7 @@ judges = {"tok": load_module(w["tokenizer"]), "t2m": load_module(w["token2mel"])
 dev_path = os.path.join(w["world"], "dev", "manifest.jsonl")
 for ck in [w["tts_lm"], *sys.argv[1:]]:
     lm = load_module(ck)
-    conds = g.conditions(dev_path, lm, judges["tok"], Skips(), a)
+    conds = conditions(dev_path, lm, judges["tok"], Skips())
     refs = [c.utt.text for c in conds]
     row = {}
     for name, temp in (("greedy", 0.0), ("T=1", 1.0)):

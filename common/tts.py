@@ -13,6 +13,7 @@ its audio.
     CTCRecognizer    a character CTC recogniser: the reward ASR (T1) and, trained apart,
                      the evaluation ASR
     SpeakerEncoder   d-vectors for speaker similarity (T4 and the SIM metric)
+    conditions       a manifest's texts, each with a same-voice prompt in the TTS LM's layout
 
 Every module saves to a folder (config.json + model.safetensors, atomically) and loads
 back from it with `load_module`; nothing is downloaded.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -29,7 +31,8 @@ import torchaudio.functional as AF
 import torchaudio.transforms as AT
 from safetensors.torch import load_file
 
-from common.audio import HOP, N_FFT, N_MELS, SR
+from common.audio import HOP, N_FFT, N_MELS, SR, load_audio, log_mel
+from common.data import Skips, Utt, read_data
 from common.models import (
     WEIGHTS_NAME,
     ConvBlock,
@@ -464,6 +467,63 @@ def load_real_tts(lm_path: str, n_speech: int, dtype: torch.dtype = torch.float3
     if lm.get_input_embeddings().weight.shape[0] < off + n_speech + 2:
         lm.resize_token_embeddings(off + n_speech + 2)
     return TTSLM({"kind": "tts_lm", "offset": off, "n_speech": n_speech}, lm, tok)
+
+
+# ---------------------------------------------------------------- texts to speak, with prompt voices
+@dataclass
+class Cond:
+    """One text to speak: its prompt (the CosyVoice 2 layout's ids), the prompt's log-mel
+    (for speaker similarity) and audio file, and, when real audio of the text exists, its
+    token count."""
+
+    utt: Utt
+    prompt_ids: list[int]
+    prompt_mel: torch.Tensor  # [T, 80]
+    ref_len: int | None
+    prompt_audio: str
+
+
+def conditions(path: str, lm: TTSLM, tok: SpeechTokenizer | SemanticTokenizer, skips: Skips,
+               prompt_audio: str = "", prompt_text: str = "") -> list[Cond]:
+    """The lines of a manifest as texts to speak. Each line's prompt: its own prompt_audio,
+    else the next line of the same speaker, else the default voice `prompt_audio`. Lines
+    with no prompt voice or with bad audio are named, counted in `skips` and left out."""
+    utts = read_data(path, skips, need_audio=False)
+    mels: dict[str, torch.Tensor] = {}
+
+    def mel_of(p: str) -> torch.Tensor:
+        if p not in mels:
+            mels[p] = log_mel(load_audio(p, 30.0))
+        return mels[p]
+
+    by_speaker: dict[str, list[int]] = {}  # lines with audio, per speaker, in file order
+    for i, u in enumerate(utts):
+        if u.speaker and u.audio:
+            by_speaker.setdefault(u.speaker, []).append(i)
+    out = []
+    for i, u in enumerate(utts):
+        peers = [j for j in by_speaker.get(u.speaker or "", []) if j != i]
+        nxt = next((j for j in peers if j > i), peers[0] if peers else None)  # the next line of its voice
+        if u.prompt_audio:
+            p_audio, p_text = u.prompt_audio, u.prompt_text or ""
+        elif nxt is not None:
+            p_audio, p_text = utts[nxt].audio, utts[nxt].text
+        elif prompt_audio:
+            p_audio, p_text = prompt_audio, prompt_text
+        else:
+            skips.warn(u.src, "no prompt voice",
+                       "no prompt_audio, no other line of its speaker, no default prompt voice")
+            continue
+        try:
+            pm = mel_of(p_audio)
+            ref = len(tok.encode(mel_of(u.audio))) if u.audio else None
+        except Exception as e:  # unreadable, silent, too long ...: named, counted, skipped
+            skips.warn(u.src, "bad audio", str(e))
+            continue
+        out.append(Cond(u, lm.prompt(p_text, u.text, tok.encode(pm).tolist()), pm, ref, p_audio))
+    if not out:
+        raise ValueError(f"{path}: nothing usable (skipped: {skips.as_dict()})")
+    return out
 
 
 # ---------------------------------------------------------------- checkpoints

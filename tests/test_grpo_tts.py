@@ -249,6 +249,34 @@ def test_eval_only_text_manifest_and_bad_prompt(world, tmp_path):
     assert (tmp_path / "two" / "audio" / "more" / "a.wav").exists()
 
 
+def test_conditions_pick_each_lines_prompt_voice(world, tmp_path):
+    """A line's prompt is its own prompt_audio, else the next line of its speaker (wrapping
+    round), else the default voice; a line with none of them is named, counted and left out."""
+    from common.data import Skips
+    from common.tts import conditions, load_module
+
+    dev = [json.loads(x) for x in open(os.path.join(world["world"], "train", "manifest.jsonl"))]
+    path = lambda u: os.path.join(world["world"], "train", u["audio"])  # noqa: E731
+    voice = dev[0]["speaker"]
+    same = [u for u in dev if u["speaker"] == voice][:2]
+    other = next(u for u in dev if u["speaker"] != voice)
+    lines = [{"key": "x", "text": same[0]["text"], "speaker": voice, "audio": path(same[0])},
+             {"key": "y", "text": same[1]["text"], "speaker": voice, "audio": path(same[1])},
+             {"key": "z", "text": "one two", "speaker": "nobody"},
+             {"key": "w", "text": "three", "prompt_audio": path(other), "prompt_text": other["text"]}]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    lm, tok = load_module(world["tts_lm"]), load_module(world["tokenizer"])
+    skips = Skips()
+    cs = conditions(str(tmp_path / "m.jsonl"), lm, tok, skips)
+    assert [c.utt.key for c in cs] == ["x", "y", "w"] and skips.as_dict() == {"no prompt voice": 1}
+    assert [c.prompt_audio for c in cs] == [path(same[1]), path(same[0]), path(other)]
+    assert cs[0].ref_len is not None and cs[2].ref_len is None  # token count only where audio exists
+    assert cs[0].prompt_ids == lm.prompt(same[1]["text"], same[0]["text"],
+                                         tok.encode(cs[0].prompt_mel).tolist())  # CosyVoice 2 layout
+    cs = conditions(str(tmp_path / "m.jsonl"), lm, tok, Skips(), path(other), other["text"])
+    assert [c.prompt_audio for c in cs if c.utt.key == "z"] == [path(other)]  # the default voice
+
+
 def test_resume_continues_exactly(world, tmp_path, monkeypatch):
     """Weights, the skip counts (every 3rd reward NaN here) and the clock go on."""
     nan_every_third_reward(monkeypatch, g)  # B*G = 6 per step

@@ -259,7 +259,8 @@ def grpo_loss(lp: torch.Tensor, lp_old: torch.Tensor, lp_ref: torch.Tensor | Non
     elif a.loss_agg == "dapo":  # Σ_{i,t} J / Σ_i |o_i|
         obj = (J * m).sum() / m.sum().clamp(min=1)
     elif a.loss_agg == "dr_grpo":  # Σ_{i,t} J / (B·G·L_max)
-        obj = (J * m).sum() / (J.shape[0] * a.max_new_tokens)
+        obj = (J * m).sum() / (a.batch_size * group_size * a.max_new_tokens)  # a constant, also when
+        # --drop_zero_std leaves groups out
     else:
         raise ValueError(f"--loss_agg must be grpo, dapo or dr_grpo, not {a.loss_agg!r}")
     tok = m.sum().clamp(min=1)

@@ -93,7 +93,8 @@ def _loss_case():
                                        ("dr_grpo", -(0.8 / (2 * 4)))])
 def test_loss_aggregations_by_hand(agg, want):
     lp, lp_old, mask, adv = _loss_case()
-    loss, st = g.grpo_loss(lp, lp_old, None, adv, mask, A(loss_agg=agg, max_new_tokens=4), group_size=2)
+    a = A(loss_agg=agg, max_new_tokens=4, batch_size=1)  # B = 1 group of G = 2
+    loss, st = g.grpo_loss(lp, lp_old, None, adv, mask, a, group_size=2)
     assert loss.item() == pytest.approx(want, abs=1e-6)
     assert st["clip_ratio/high_mean"] == pytest.approx(1 / 5)  # 1.5 > 1.2 with Â > 0
     assert st["clip_ratio/low_mean"] == pytest.approx(1 / 5)  # 0.5 < 0.8 with Â < 0

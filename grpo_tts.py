@@ -12,9 +12,11 @@ by default).
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import inspect
 import json
+import math
 import os
 import random
 import statistics
@@ -218,13 +220,51 @@ def token_diversity(group: list[list[int]]) -> list[float]:
     return out
 
 
+def voiced_f0(wav: torch.Tensor) -> torch.Tensor:
+    """F0 (Hz) of the frames that carry sound: 10 ms frames whose 25 ms RMS is at least a tenth
+    of the loudest frame's (-20 dB), inside the detector's range (it returns its top, 484 Hz,
+    on silence). An energy gate only: a loud fricative passes, and gets the pitch the
+    detector's 30-frame median filter carries over from its neighbours."""
+    if wav.shape[0] < 4000 or float(wav.abs().max()) < 1e-3:  # < 0.25 s (too short for the
+        return torch.zeros(0)  # detector's median filter) or silence: no pitch
+    p = f0(wav)  # [frames], frame i starts at sample 160 i
+    rms = torch.nn.functional.pad(wav, (0, 400)).unfold(0, 400, 160)[: len(p)].pow(2).mean(1).sqrt()
+    return p[(rms >= 0.1 * rms.max()) & (p > 60) & (p < 480)]
+
+
 def pitch_diversity(wav: torch.Tensor, scale: float) -> float:
     """T3b: std of the voiced F0 (Hz) of the decoded audio, divided by scale, clipped to 1."""
-    if wav.shape[0] < 4000 or float(wav.abs().max()) < 1e-3:  # < 0.25 s (too short for the
-        return 0.0  # detector's median filter) or silence: no pitch to vary
-    p = f0(wav)
-    p = p[(p > 60) & (p < 500)]
+    p = voiced_f0(wav)
     return min(float(p.std()) / scale, 1.0) if len(p) > 1 else 0.0
+
+
+def f0_stats(wav: torch.Tensor) -> tuple[float, float] | None:
+    """An utterance's median voiced F0 (Hz) and its pitch movement: the interquartile range
+    of its F0 in semitones, which the detector's octave errors (12 st) leave alone while they
+    stay under a quarter of the frames. None where fewer than 2 frames are voiced."""
+    p = voiced_f0(wav)
+    if len(p) < 2:
+        return None
+    q = torch.quantile(12 * torch.log2(p), torch.tensor([0.25, 0.75]))
+    return float(p.median()), float(q[1] - q[0])
+
+
+@functools.lru_cache(maxsize=4096)
+def prompt_f0(path: str) -> tuple[float, float] | None:
+    """F0 statistics of a prompt voice's real audio, once per file."""
+    return f0_stats(load_audio(path))
+
+
+def f0_gap(wav: torch.Tensor, prompt_audio: str) -> float | None:
+    """Semitones between the median F0 of `wav` and that of its prompt's audio."""
+    o, p = f0_stats(wav), prompt_f0(prompt_audio)
+    return abs(12 * math.log2(o[0] / p[0])) if o and p else None
+
+
+def mean(xs: list) -> float | None:
+    """The mean of the values that are not None (None if there are none)."""
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
 
 
 FLOOR = {"acc": 0.0, "dur": -1.0, "div": 0.0, "sim": -1.0}  # each term's lowest value
@@ -295,7 +335,8 @@ def grpo_loss(lp: torch.Tensor, lp_old: torch.Tensor, lp_ref: torch.Tensor | Non
     elif a.loss_agg == "dapo":  # Σ_{i,t} J / Σ_i |o_i|
         obj = (J * m).sum() / m.sum().clamp(min=1)
     elif a.loss_agg == "dr_grpo":  # Σ_{i,t} J / (B·G·L_max)
-        obj = (J * m).sum() / (J.shape[0] * a.max_new_tokens)  # eos counts within max_new_tokens
+        obj = (J * m).sum() / (a.batch_size * a.group_size * a.max_new_tokens)  # a constant, also when
+        # --drop_zero_std leaves groups out; eos counts within max_new_tokens
     else:
         raise ValueError(f"--loss_agg must be grpo, dapo or dr_grpo, not {a.loss_agg!r}")
     tok = m.sum().clamp(min=1)
@@ -328,7 +369,7 @@ def sequence_logprobs(lm: TTSLM, net: torch.nn.Module, prompts: list[list[int]],
 # ------------------------------------------------------------------ evaluation
 def evaluate(lm: TTSLM, conds: list[Cond], judges: dict, a: Args, wav_dir: str | None = None) -> dict:
     """Synthesise every text (greedy, or seeded sampling), decode to audio and let the
-    evaluation ASR and the speaker encoder judge it: CER, WER, SIM, duration ratio, no-eos."""
+    evaluation ASR and the speaker encoder judge it: CER, WER, SIM, duration ratio, no-eos, F0."""
     gen = torch.Generator(device=a.device).manual_seed(a.seed)
     outs, ended = synthesize(lm, conds, a, a.eval_temperature, gen)
     mels = judge_mels(judges["t2m"], outs, lm.n_speech, [c.prompt_mel for c in conds])
@@ -342,33 +383,39 @@ def evaluate(lm: TTSLM, conds: list[Cond], judges: dict, a: Args, wav_dir: str |
         hyps[i] = h
     refs = [c.utt.text for c in conds]
     sims = judges["spk"].similarity([log_mel(wavs[i]) for i in have], [conds[i].prompt_mel for i in have])
-    ratios = [(len(outs[i]) - ended[i]) / conds[i].ref_len for i in have if conds[i].ref_len]
+    ratios = [(len(outs[i]) - 1) / conds[i].ref_len  # eos excluded; outputs cut off without it left out
+              for i in have if ended[i] and conds[i].ref_len]
+    f0s = [f0_stats(wavs[i]) for i in have]  # (median Hz, movement st) or None
     if wav_dir:
         for i in have:
             write_wav(os.path.join(wav_dir, f"{conds[i].utt.key}.wav"), wavs[i])
     per_voice = {}
-    for v in sorted({c.utt.speaker or "-" for c in conds}):
-        idx = [i for i, c in enumerate(conds) if (c.utt.speaker or "-") == v]
+    for v in sorted({c.voice for c in conds}):
+        idx = [i for i, c in enumerate(conds) if c.voice == v]
         per_voice[v] = corpus_error([refs[i] for i in idx], [hyps[i] for i in idx], "char")["wer"]
     return {"cer": corpus_error(refs, hyps, "char")["wer"], "wer": corpus_error(refs, hyps)["wer"],
             "sim": float(sims.mean()) if len(have) else 0.0,
-            "dur_ratio": sum(ratios) / len(ratios) if ratios else None,
-            "no_eos": 1 - sum(ended) / len(ended), "n": len(conds), "cer_by_voice": per_voice}
+            "dur_ratio": mean(ratios), "no_eos": 1 - sum(ended) / len(ended), "n": len(conds),
+            "cer_by_voice": per_voice, "f0_hz": mean([x and x[0] for x in f0s]),  # median F0, averaged
+            "f0_iqr_st": mean([x and x[1] for x in f0s]),  # pitch movement
+            "f0_gap_st": mean([f0_gap(wavs[i], conds[i].prompt_audio) for i in have])}  # to the prompt voice
 
 
 def resynth_cer(conds: list[Cond], judges: dict) -> dict[str, float]:
     """The floor: the evaluation ASR on real audio, and on token2wav(tokens of real audio);
-    None for a set without audio."""
+    the same two for the F0 gap to the prompt voice. None for a set without audio."""
     cs = [c for c in conds if c.utt.audio]
     if not cs:  # a text-only set has no floor
-        return {"real": None, "resynth": None}
+        return {"real": None, "resynth": None, "real_f0_gap_st": None, "resynth_f0_gap_st": None}
     real_wav = [load_audio(c.utt.audio) for c in cs]
     real = [log_mel(w) for w in real_wav]
     fake_wav = mel_to_wav(judges["t2m"].mel(judges["tok"].encode_batch(real), [c.prompt_mel for c in cs]))
     refs, asr = [c.utt.text for c in cs], judges["eval_asr"]
     return {"real": corpus_error(refs, transcribe_with(asr, real, real_wav), "char")["wer"],
             "resynth": corpus_error(refs, transcribe_with(asr, [log_mel(w) for w in fake_wav], fake_wav),
-                                    "char")["wer"]}
+                                    "char")["wer"],
+            "real_f0_gap_st": mean([f0_gap(w, c.prompt_audio) for w, c in zip(real_wav, cs, strict=True)]),
+            "resynth_f0_gap_st": mean([f0_gap(w, c.prompt_audio) for w, c in zip(fake_wav, cs, strict=True)])}
 
 
 @torch.no_grad()
@@ -392,7 +439,8 @@ def sampling_report(lm: TTSLM, conds: list[Cond], judges: dict, a: Args, g: int 
 # The code that judges the SFT start (with common/, where `conditions` is): its figures are
 # cached under a hash of it, so a change to the RL loop or the loss does not make the next run
 # judge the start again.
-JUDGING = (synthesize, speech_of, judge_mels, transcribe, evaluate, resynth_cer, sampling_report)
+JUDGING = (synthesize, speech_of, judge_mels, transcribe, voiced_f0, f0_stats, prompt_f0, f0_gap, mean,
+           evaluate, resynth_cer, sampling_report)
 
 
 def plot(out_dir: str, log: list[dict], dev: list[dict]) -> None:
@@ -402,6 +450,25 @@ def plot(out_dir: str, log: list[dict], dev: list[dict]) -> None:
         ("dev speaker similarity", "SIM", [r["step"] for r in dev], [r["sim"] for r in dev])])
 
 
+def start_cache(a: Args, judged: list[Cond]) -> str:
+    """Where the SFT start's figures are cached. They depend only on the checkpoints, the
+    manifests (and the audio they point to), the decoding settings and the code that judges,
+    so they are computed once and shared by every seed, ablation and resume from one start."""
+    parts = [a.init, a.tokenizer, a.token2mel, a.reward_asr, a.eval_asr, a.speaker_model]
+    common = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "common", f"{m}.py")
+              for m in ("tts", "models", "data", "audio")]
+    code = [*(inspect.getsource(f) for f in JUDGING), *(open(f).read() for f in common)]
+    audio = sorted({f for c in judged for f in (c.utt.audio, c.prompt_audio) if f})
+    key = json.dumps({"files": [stamp(p) for p in [*parts, a.dev_data, *a.test_data, *audio]],
+                      "prompt_text": a.prompt_text,  # its audio, where used, is among `audio`
+                      "settings": [a.max_new_tokens, a.eval_temperature,  # greedy ignores top-k/p and seed
+                                   *((a.top_k, a.top_p) if a.eval_temperature > 0 else (0, 1.0)), a.reward_on,
+                                   a.device, a.bf16, a.seed if a.eval_temperature > 0 else None,
+                                   a.cuda_graph and a.device.startswith("cuda")],  # graphs draw other samples
+                      "code": [hashlib.sha1(c.encode()).hexdigest() for c in code]})
+    return os.path.join(cache_root(), "tts-eval", hashlib.sha1(key.encode()).hexdigest()[:16])
+
+
 # ------------------------------------------------------------------ the loop
 def main(a: Args) -> dict:
     random.seed(a.seed)
@@ -409,8 +476,10 @@ def main(a: Args) -> dict:
     if a.device == "cpu":
         torch.set_num_threads(a.threads or os.cpu_count() or 1)
     t_start = time.time()
-    parts = [a.init, a.tokenizer, a.token2mel, a.reward_asr, a.eval_asr, a.speaker_model]
-    if not all(parts) or not (a.data or a.eval_only):  # what is not given comes from the toy world
+    if a.prompt_audio and not a.prompt_text:
+        raise SystemExit("--prompt_audio needs --prompt_text: the LM reads the prompt's transcript first")
+    given = [a.init, a.tokenizer, a.token2mel, a.reward_asr, a.eval_asr, a.speaker_model]
+    if not all(given) or not (a.data or a.eval_only):  # what is not given comes from the toy world
         from sft_tts import build_tts_world
 
         w = build_tts_world()
@@ -445,22 +514,7 @@ def main(a: Args) -> dict:
     dev = conditions(a.dev_data, lm, judges["tok"], skips, a.prompt_audio, a.prompt_text)
     fixed = dev[: a.n_audio]  # the fixed texts a user listens to
     evaluate(lm, fixed, judges, a, os.path.join(a.out_dir, "audio", "step_0000"))
-    # The SFT start's figures depend only on the checkpoints, the manifests, the decoding
-    # settings and the code that judges, so they are computed once and shared by every seed,
-    # ablation and resume from the same start.
-    parts = [a.init, a.tokenizer, a.token2mel, a.reward_asr, a.eval_asr, a.speaker_model]
-    common = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "common", f"{m}.py")
-              for m in ("tts", "models", "data", "audio")]
-    code = [*(inspect.getsource(f) for f in JUDGING), *(open(f).read() for f in common)]
-    audio = sorted({f for c in [*dev, *(c for cs in tests.values() for c in cs)]
-                    for f in (c.utt.audio, c.prompt_audio) if f})  # what the manifests point to
-    key = json.dumps({"files": [stamp(p) for p in [*parts, a.dev_data, *a.test_data, *audio]],
-                      "prompt_text": a.prompt_text,  # its audio, where used, is among `audio`
-                      "settings": [a.max_new_tokens, a.eval_temperature,  # greedy ignores top-k/p and seed
-                                   *((a.top_k, a.top_p) if a.eval_temperature > 0 else (0, 1.0)), a.reward_on,
-                                   a.device, a.bf16, a.seed if a.eval_temperature > 0 else None],
-                      "code": [hashlib.sha1(c.encode()).hexdigest() for c in code]})
-    cache = os.path.join(cache_root(), "tts-eval", hashlib.sha1(key.encode()).hexdigest()[:16])
+    cache = start_cache(a, [*dev, *(c for cs in tests.values() for c in cs)])
     sets = ", ".join(f"{n} ({len(c)} texts)" for n, c in tests.items())
     print(f"before RL: judging the SFT start on {sets}, the resynthesis floor and sampling on dev "
           f"({len(dev)} texts x 8), or reading them from {cache}-*.json")
@@ -585,7 +639,7 @@ def main(a: Args) -> dict:
         log.append(rec)
         with open(os.path.join(a.out_dir, "metrics.jsonl"), "a" if log[:-1] else "w") as fh:
             fh.write(json.dumps(rec) + "\n")
-        bar.set_postfix(reward=f"{rec['reward']:.3f}", cer=f"{1 - rec['rewards/acc/mean']:.3f}",
+        bar.set_postfix(reward=f"{rec['reward']:.3f}", acc=f"{rec['rewards/acc/mean']:.3f}",
                         kl=f"{rec.get('kl', 0):.4f}", zero_std=f"{rec['frac_reward_zero_std']:.2f}")
         if step % a.audio_every == 0 or step == a.steps:
             evaluate(lm, fixed, judges, a, os.path.join(a.out_dir, "audio", f"step_{step:04d}"))
@@ -601,7 +655,9 @@ def main(a: Args) -> dict:
     after = {name: evaluate(best, c, judges, a) for name, c in tests.items()}
     summary = {"init": a.init, "final": os.path.join(a.out_dir, "best"), "before": before, "after": after,
                "resynth_cer": {k: v["resynth"] for k, v in floor.items()},
-               "real_audio_cer": {k: v["real"] for k, v in floor.items()}, "sft_sampling_dev": room,
+               "real_audio_cer": {k: v["real"] for k, v in floor.items()},
+               "f0_gap_st_floor": {k: {"real": v["real_f0_gap_st"], "resynth": v["resynth_f0_gap_st"]}
+                                   for k, v in floor.items()}, "sft_sampling_dev": room,
                "dev": dev_log, "steps": a.steps, "wall_s": round(time.time() - t_start, 1),
                "skipped": skips.as_dict(), "args": asdict(a)}
     with open(os.path.join(a.out_dir, "summary.json"), "w") as fh:
@@ -612,7 +668,8 @@ def main(a: Args) -> dict:
         b, f = before[name], after[name]
         print(f"{name:12s} CER {b['cer']:.4f} -> {f['cer']:.4f} (floor {num(floor[name]['resynth'])})  "
               f"SIM {b['sim']:.3f} -> {f['sim']:.3f}  dur {num(b['dur_ratio'])} -> {num(f['dur_ratio'])}  "
-              f"no-eos {b['no_eos']:.3f} -> {f['no_eos']:.3f}")
+              f"no-eos {b['no_eos']:.3f} -> {f['no_eos']:.3f}  F0 gap to prompt {num(b['f0_gap_st'])} -> "
+              f"{num(f['f0_gap_st'])} st")
     return summary
 
 

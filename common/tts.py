@@ -389,10 +389,13 @@ class TTSLM(nn.Module):
     """A causal LM over [text tokens][speech tokens][eos][sos]. Speech token s has id
     offset + s, eos is offset + K and sos offset + K + 1, so the outputs (speech tokens and
     eos) are one contiguous slice of the vocabulary: `out_slice`. Sampling and log-probs
-    both renormalise over that slice, so they agree exactly."""
+    both renormalise over that slice, so at T = 1 without top-k/top-p they are the same
+    distribution (the head must have no bias: log-probs read its weight rows only)."""
 
     def __init__(self, cfg: dict, lm: nn.Module, tokenizer):
         super().__init__()
+        if getattr(lm.get_output_embeddings(), "bias", None) is not None:
+            raise ValueError("TTSLM: the LM head has a bias; head() and the log-probs read its weights only")
         self.cfg, self.lm, self.tokenizer = cfg, lm, tokenizer
         self.offset, self.n_speech = cfg["offset"], cfg["n_speech"]
         self.eos_id, self.sos_id = self.offset + self.n_speech, self.offset + self.n_speech + 1
@@ -473,14 +476,15 @@ def load_real_tts(lm_path: str, n_speech: int, dtype: torch.dtype = torch.float3
 @dataclass
 class Cond:
     """One text to speak: its prompt (the CosyVoice 2 layout's ids), the prompt's log-mel
-    (for speaker similarity) and audio file, and, when real audio of the text exists, its
-    token count."""
+    (for speaker similarity) and audio file, the voice it is spoken in (the name per-voice
+    figures use) and, when real audio of the text exists, its token count."""
 
     utt: Utt
     prompt_ids: list[int]
     prompt_mel: torch.Tensor  # [T, 80]
     ref_len: int | None
     prompt_audio: str
+    voice: str
 
 
 def conditions(path: str, lm: TTSLM, tok: SpeechTokenizer | SemanticTokenizer, skips: Skips,
@@ -505,14 +509,17 @@ def conditions(path: str, lm: TTSLM, tok: SpeechTokenizer | SemanticTokenizer, s
         peers = [j for j in by_speaker.get(u.speaker or "", []) if j != i]
         nxt = next((j for j in peers if j > i), peers[0] if peers else None)  # the next line of its voice
         if u.prompt_audio:
-            p_audio, p_text = u.prompt_audio, u.prompt_text or ""
+            p_audio, p_text, voice = u.prompt_audio, u.prompt_text or "", u.speaker or "own prompt"
         elif nxt is not None:
-            p_audio, p_text = utts[nxt].audio, utts[nxt].text
+            p_audio, p_text, voice = utts[nxt].audio, utts[nxt].text, u.speaker
         elif prompt_audio:
-            p_audio, p_text = prompt_audio, prompt_text
+            p_audio, p_text, voice = prompt_audio, prompt_text, "default voice"
         else:
             skips.warn(u.src, "no prompt voice",
                        "no prompt_audio, no other line of its speaker, no default prompt voice")
+            continue
+        if not p_text:  # without it the LM would read the prompt's speech as this line's text
+            skips.warn(u.src, "prompt without text", f"{p_audio}: give its transcript as prompt_text")
             continue
         try:
             pm = mel_of(p_audio)
@@ -520,7 +527,7 @@ def conditions(path: str, lm: TTSLM, tok: SpeechTokenizer | SemanticTokenizer, s
         except Exception as e:  # unreadable, silent, too long ...: named, counted, skipped
             skips.warn(u.src, "bad audio", str(e))
             continue
-        out.append(Cond(u, lm.prompt(p_text, u.text, tok.encode(pm).tolist()), pm, ref, p_audio))
+        out.append(Cond(u, lm.prompt(p_text, u.text, tok.encode(pm).tolist()), pm, ref, p_audio, voice))
     if not out:
         raise ValueError(f"{path}: nothing usable (skipped: {skips.as_dict()})")
     return out

@@ -55,6 +55,26 @@ def test_pitch_diversity_of_steady_and_gliding_tones():
     glide = 0.5 * torch.sin(2 * torch.pi * (100 * t + 100 * t**2))  # 100 Hz -> 300 Hz
     assert g.pitch_diversity(steady, 50.0) < 0.2 < g.pitch_diversity(glide, 50.0)
     assert g.pitch_diversity(torch.zeros(16000), 50.0) == 0.0  # silence: no voiced frames
+    pause = torch.cat([steady, 1e-3 * torch.randn(8000), steady])  # a pause is not pitch movement
+    assert g.pitch_diversity(pause, 50.0) < 0.2
+
+
+def test_f0_statistics_of_tones_and_pauses(tmp_path):
+    """Median F0 and pitch movement (interquartile range in semitones): 150 Hz for a third,
+    300 Hz for two thirds, with a quiet pause between them, span one octave: 12 st."""
+    t = torch.arange(8000) / 16000
+    tone = lambda hz: 0.5 * torch.sin(2 * torch.pi * hz * t)  # noqa: E731
+    quiet = 1e-3 * torch.randn(8000)  # the detector finds 120-160 Hz in this noise: not voiced
+    med, move = g.f0_stats(torch.cat([tone(200), tone(200), quiet, tone(200)]))
+    assert abs(med - 200) < 4 and move < 0.5
+    v = g.voiced_f0(torch.cat([tone(150), quiet, tone(300), tone(300)]))
+    assert len(v) > 100 and ((v - 150).abs() < 6).sum() > 35 and ((v - 300).abs() < 12).sum() > 70
+    assert abs(g.f0_stats(torch.cat([tone(150), quiet, tone(300), tone(300)]))[1] - 12) < 0.5
+    assert g.f0_stats(torch.zeros(16000)) is None and g.f0_stats(tone(200)[:2000]) is None  # silent, short
+    sf.write(tmp_path / "p.wav", tone(200).numpy(), 16000)  # (in a 16-bit file, 300 Hz reads as 150)
+    gap = g.f0_gap(torch.cat([tone(100), tone(100)]), str(tmp_path / "p.wav"))  # 100 Hz against 200 Hz
+    assert gap == pytest.approx(12, abs=0.3)  # an octave
+    assert g.mean([1.0, None, 3.0]) == 2.0 and g.mean([None]) is None
 
 
 def test_group_rewards_edge_cases():
@@ -96,7 +116,7 @@ def test_advantages_and_loss_by_hand():
     torch.testing.assert_close(adv, torch.tensor([[-1.0, 0.0, 1.0]]) / (1 + 1e-4))
     lp = torch.zeros(2, 3)
     mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
-    a = A(group_size=2, beta=0.0, max_new_tokens=3)  # the longest output: 3 tokens, eos included
+    a = A(batch_size=1, group_size=2, beta=0.0, max_new_tokens=3)  # longest output: 3 tokens, eos included
     for agg, want in (("grpo", -(1.0 + -1.0) / 2), ("dapo", -(3 * 1.0 - 1.0) / 4),
                       ("dr_grpo", -(3 - 1) / (2 * 3))):
         a.loss_agg = agg
@@ -206,7 +226,9 @@ def test_two_step_smoke_changes_the_policy(world, tmp_path):
     after = load_file(str(tmp_path / "last" / "model.safetensors"))
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert set(s["before"]) == set(s["after"]) == set(s["resynth_cer"]) == {"test-seen", "test-unseen"}
-    assert set(s["before"]["test-seen"]) >= {"cer", "wer", "sim", "dur_ratio", "no_eos"}
+    assert set(s["before"]["test-seen"]) >= {"cer", "wer", "sim", "dur_ratio", "no_eos", "cer_by_voice",
+                                              "f0_hz", "f0_iqr_st", "f0_gap_st"}
+    assert set(s["f0_gap_st_floor"]["test-seen"]) == {"real", "resynth"}
     rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2]
     for key in ("reward", "reward_std", "rewards/acc/mean", "rewards/dur/mean", "rewards/div/mean",
@@ -228,14 +250,20 @@ def test_eval_only_text_manifest_and_bad_prompt(world, tmp_path):
     with open(tmp_path / "texts.jsonl", "w") as f:
         f.write(json.dumps({"key": "a", "text": "alpha bravo two"}) + "\n")  # default prompt voice
         f.write(json.dumps({"key": "b", "text": "monday at nine"}) + "\n")
-        f.write(json.dumps({"key": "c", "text": "one", "prompt_audio": str(tmp_path / "silent.wav")}) + "\n")
+        f.write(json.dumps({"key": "c", "text": "one", "prompt_audio": str(tmp_path / "silent.wav"),
+                            "prompt_text": "two"}) + "\n")
     prompt = os.path.join(world["world"], "dev", dev[0]["audio"])
+    with open(tmp_path / "texts.jsonl", "a") as f:  # a prompt with no transcript: the LM would misread it
+        f.write(json.dumps({"key": "d", "text": "one", "prompt_audio": prompt}) + "\n")
+    with pytest.raises(SystemExit, match="--prompt_text"):
+        g.main(_args(world, tmp_path / "out", eval_only=True, test_data=[str(tmp_path / "texts.jsonl")],
+                     prompt_audio=prompt, prompt_text=""))
     s = g.main(_args(world, tmp_path / "out", eval_only=True, test_data=[str(tmp_path / "texts.jsonl")],
                      prompt_audio=prompt, prompt_text=dev[0]["text"]))
     (res,) = s["test"].values()  # named after the manifest's folder
     assert res["n"] == 2  # the silent prompt is skipped and counted
     saved = json.load(open(tmp_path / "out" / "summary.json"))
-    assert saved["skipped"] == {"bad audio": 1}
+    assert saved["skipped"] == {"bad audio": 1, "prompt without text": 1}
     wavs = sorted(os.listdir(tmp_path / "out" / "audio"))
     assert set(wavs) <= {"a.wav", "b.wav"}
     for w in wavs:
@@ -270,11 +298,12 @@ def test_conditions_pick_each_lines_prompt_voice(world, tmp_path):
     cs = conditions(str(tmp_path / "m.jsonl"), lm, tok, skips)
     assert [c.utt.key for c in cs] == ["x", "y", "w"] and skips.as_dict() == {"no prompt voice": 1}
     assert [c.prompt_audio for c in cs] == [path(same[1]), path(same[0]), path(other)]
+    assert [c.voice for c in cs] == [voice, voice, "own prompt"]  # per-voice figures use the voice spoken
     assert cs[0].ref_len is not None and cs[2].ref_len is None  # token count only where audio exists
     assert cs[0].prompt_ids == lm.prompt(same[1]["text"], same[0]["text"],
                                          tok.encode(cs[0].prompt_mel).tolist())  # CosyVoice 2 layout
     cs = conditions(str(tmp_path / "m.jsonl"), lm, tok, Skips(), path(other), other["text"])
-    assert [c.prompt_audio for c in cs if c.utt.key == "z"] == [path(other)]  # the default voice
+    assert [(c.prompt_audio, c.voice) for c in cs if c.utt.key == "z"] == [(path(other), "default voice")]
 
 
 def test_resume_continues_exactly(world, tmp_path, monkeypatch):

@@ -12,11 +12,9 @@ by default).
 from __future__ import annotations
 
 import copy
-import functools
 import hashlib
 import inspect
 import json
-import math
 import os
 import random
 import statistics
@@ -27,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from common import cached_json, changed_flags, parse_args, peak_mem_mb, plot_curves, stamp
-from common.audio import f0, load_audio, log_mel, write_wav
+from common.audio import f0_gap, f0_stats, load_audio, log_mel, voiced_f0, write_wav
 from common.data import Skips, corpus_error, error_rate, read_data, set_names
 from common.logprob import token_logprobs
 from common.models import sample
@@ -220,45 +218,10 @@ def token_diversity(group: list[list[int]]) -> list[float]:
     return out
 
 
-def voiced_f0(wav: torch.Tensor) -> torch.Tensor:
-    """F0 (Hz) of the frames that carry sound: 10 ms frames whose 25 ms RMS is at least a tenth
-    of the loudest frame's (-20 dB), inside the detector's range (it returns its top, 484 Hz,
-    on silence). An energy gate only: a loud fricative passes, and gets the pitch the
-    detector's 30-frame median filter carries over from its neighbours."""
-    if wav.shape[0] < 4000 or float(wav.abs().max()) < 1e-3:  # < 0.25 s (too short for the
-        return torch.zeros(0)  # detector's median filter) or silence: no pitch
-    p = f0(wav)  # [frames], frame i starts at sample 160 i
-    rms = torch.nn.functional.pad(wav, (0, 400)).unfold(0, 400, 160)[: len(p)].pow(2).mean(1).sqrt()
-    return p[(rms >= 0.1 * rms.max()) & (p > 60) & (p < 480)]
-
-
 def pitch_diversity(wav: torch.Tensor, scale: float) -> float:
     """T3b: std of the voiced F0 (Hz) of the decoded audio, divided by scale, clipped to 1."""
     p = voiced_f0(wav)
     return min(float(p.std()) / scale, 1.0) if len(p) > 1 else 0.0
-
-
-def f0_stats(wav: torch.Tensor) -> tuple[float, float] | None:
-    """An utterance's median voiced F0 (Hz) and its pitch movement: the interquartile range
-    of its F0 in semitones, which the detector's octave errors (12 st) leave alone while they
-    stay under a quarter of the frames. None where fewer than 2 frames are voiced."""
-    p = voiced_f0(wav)
-    if len(p) < 2:
-        return None
-    q = torch.quantile(12 * torch.log2(p), torch.tensor([0.25, 0.75]))
-    return float(p.median()), float(q[1] - q[0])
-
-
-@functools.lru_cache(maxsize=4096)
-def prompt_f0(path: str) -> tuple[float, float] | None:
-    """F0 statistics of a prompt voice's real audio, once per file."""
-    return f0_stats(load_audio(path))
-
-
-def f0_gap(wav: torch.Tensor, prompt_audio: str) -> float | None:
-    """Semitones between the median F0 of `wav` and that of its prompt's audio."""
-    o, p = f0_stats(wav), prompt_f0(prompt_audio)
-    return abs(12 * math.log2(o[0] / p[0])) if o and p else None
 
 
 def mean(xs: list) -> float | None:
@@ -439,8 +402,7 @@ def sampling_report(lm: TTSLM, conds: list[Cond], judges: dict, a: Args, g: int 
 # The code that judges the SFT start (with common/, where `conditions` is): its figures are
 # cached under a hash of it, so a change to the RL loop or the loss does not make the next run
 # judge the start again.
-JUDGING = (synthesize, speech_of, judge_mels, transcribe, voiced_f0, f0_stats, prompt_f0, f0_gap, mean,
-           evaluate, resynth_cer, sampling_report)
+JUDGING = (synthesize, speech_of, judge_mels, transcribe, mean, evaluate, resynth_cer, sampling_report)
 
 
 def plot(out_dir: str, log: list[dict], dev: list[dict]) -> None:

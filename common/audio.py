@@ -2,6 +2,8 @@
 (torchaudio >= 2.9 has no file I/O of its own)."""
 from __future__ import annotations
 
+import functools
+import math
 import os
 import tempfile
 
@@ -73,3 +75,38 @@ def log_mel(wav: torch.Tensor) -> torch.Tensor:
 def f0(wav: torch.Tensor) -> torch.Tensor:
     """Frame-level F0 in Hz (torchaudio's NCCF pitch detector), [frames]."""
     return AF.detect_pitch_frequency(wav.float()[None], SR, freq_low=60, freq_high=500)[0]
+
+
+def voiced_f0(wav: torch.Tensor) -> torch.Tensor:
+    """F0 (Hz) of the frames that carry sound: 10 ms frames whose 25 ms RMS is at least a tenth
+    of the loudest frame's (-20 dB), inside the detector's range (it returns its top, 484 Hz,
+    on silence). An energy gate only: a loud fricative passes, and gets the pitch the
+    detector's 30-frame median filter carries over from its neighbours."""
+    if wav.shape[0] < 4000 or float(wav.abs().max()) < 1e-3:  # < 0.25 s (too short for the
+        return torch.zeros(0)  # detector's median filter) or silence: no pitch
+    p = f0(wav)  # [frames], frame i starts at sample HOP * i
+    rms = torch.nn.functional.pad(wav, (0, N_FFT)).unfold(0, N_FFT, HOP)[: len(p)].pow(2).mean(1).sqrt()
+    return p[(rms >= 0.1 * rms.max()) & (p > 60) & (p < 480)]
+
+
+def f0_stats(wav: torch.Tensor) -> tuple[float, float] | None:
+    """An utterance's median voiced F0 (Hz) and its pitch movement: the interquartile range
+    of its F0 in semitones, which the detector's octave errors (12 st) leave alone while they
+    stay under a quarter of the frames. None where fewer than 2 frames are voiced."""
+    p = voiced_f0(wav)
+    if len(p) < 2:
+        return None
+    q = torch.quantile(12 * torch.log2(p), torch.tensor([0.25, 0.75]))
+    return float(p.median()), float(q[1] - q[0])
+
+
+@functools.lru_cache(maxsize=4096)
+def f0_stats_of_file(path: str) -> tuple[float, float] | None:
+    """f0_stats of an audio file (a prompt voice, read again at every evaluation), once per file."""
+    return f0_stats(load_audio(path))
+
+
+def f0_gap(wav: torch.Tensor, ref_path: str) -> float | None:
+    """Semitones between the median F0 of `wav` and that of the audio file `ref_path`."""
+    o, p = f0_stats(wav), f0_stats_of_file(ref_path)
+    return abs(12 * math.log2(o[0] / p[0])) if o and p else None

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 import grpo_tts as g
 import sft_tts
+from common.audio import f0_gap, f0_stats, voiced_f0
 from common.toy import vocabulary
 from common.tts import build_toy_tts
 
@@ -65,14 +66,14 @@ def test_f0_statistics_of_tones_and_pauses(tmp_path):
     t = torch.arange(8000) / 16000
     tone = lambda hz: 0.5 * torch.sin(2 * torch.pi * hz * t)  # noqa: E731
     quiet = 1e-3 * torch.randn(8000)  # the detector finds 120-160 Hz in this noise: not voiced
-    med, move = g.f0_stats(torch.cat([tone(200), tone(200), quiet, tone(200)]))
+    med, move = f0_stats(torch.cat([tone(200), tone(200), quiet, tone(200)]))
     assert abs(med - 200) < 4 and move < 0.5
-    v = g.voiced_f0(torch.cat([tone(150), quiet, tone(300), tone(300)]))
+    v = voiced_f0(torch.cat([tone(150), quiet, tone(300), tone(300)]))
     assert len(v) > 100 and ((v - 150).abs() < 6).sum() > 35 and ((v - 300).abs() < 12).sum() > 70
-    assert abs(g.f0_stats(torch.cat([tone(150), quiet, tone(300), tone(300)]))[1] - 12) < 0.5
-    assert g.f0_stats(torch.zeros(16000)) is None and g.f0_stats(tone(200)[:2000]) is None  # silent, short
+    assert abs(f0_stats(torch.cat([tone(150), quiet, tone(300), tone(300)]))[1] - 12) < 0.5
+    assert f0_stats(torch.zeros(16000)) is None and f0_stats(tone(200)[:2000]) is None  # silent, short
     sf.write(tmp_path / "p.wav", tone(200).numpy(), 16000)  # (in a 16-bit file, 300 Hz reads as 150)
-    gap = g.f0_gap(torch.cat([tone(100), tone(100)]), str(tmp_path / "p.wav"))  # 100 Hz against 200 Hz
+    gap = f0_gap(torch.cat([tone(100), tone(100)]), str(tmp_path / "p.wav"))  # 100 Hz against 200 Hz
     assert gap == pytest.approx(12, abs=0.3)  # an octave
     assert g.mean([1.0, None, 3.0]) == 2.0 and g.mean([None]) is None
 

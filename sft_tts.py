@@ -11,7 +11,7 @@
     python sft_tts.py                      # build what is missing, then print the world's figures
     python sft_tts.py --rebuild token2wav  # rebuild one stage (repeatable)
 
-Each stage lives in .cache/tts-<world>/<stage>-<hash of its settings and those upstream>.
+Each stage lives in .cache/tts-<world>/<stage>-<hash of its settings and those of the stages it reads>.
 """
 from __future__ import annotations
 
@@ -46,7 +46,11 @@ from common.tts import (
     save_module,
 )
 
-STAGES = ("tokenizer", "token2wav", "judges", "tts_lm")
+STAGES = ("tokenizer", "token2wav", "judges", "tts_lm")  # the build order
+# What each stage reads: its folder's name hashes the settings of these stages only, so
+# retraining the judges (say, with a longer budget) keeps the TTS LM, which never sees them.
+NEEDS = {"tokenizer": ("tokenizer",), "token2wav": ("tokenizer", "token2wav"),
+         "judges": ("tokenizer", "token2wav", "judges"), "tts_lm": ("tokenizer", "tts_lm")}
 # Bumped when a stage's code changes in a way its settings do not show: judges 2 = the
 # ToyEncoder masks padding; tts_lm 2 = length-bucketed batches.
 STAGE_VERSIONS = {"tokenizer": 1, "token2wav": 1, "judges": 2, "tts_lm": 2}
@@ -110,8 +114,8 @@ def load_split(path: str, skips: Skips):
 
 
 def cached(a: Args, world: str, stage: str) -> str:
-    """The stage's folder: named by its settings and everything upstream of it."""
-    upto = STAGES[: STAGES.index(stage) + 1]
+    """The stage's folder: named by its settings and those of the stages it reads."""
+    upto = NEEDS[stage]
     keys = {"tokenizer": ["n_tokens"], "token2wav": ["t2m_d", "t2m_blocks", "t2m_minutes"],
             "judges": ["judge_minutes", "judge_batch", "spk_minutes"],
             "tts_lm": ["lm_d", "lm_layers", "lm_lr", "lm_minutes", "lm_bf16", "patience"]}

@@ -190,12 +190,18 @@ def test_lm_bf16_trains_the_tts_lm_under_autocast(world, tmp_path, monkeypatch):
     assert any(not torch.equal(weights[True][k], weights[False][k]) for k in weights[True])
 
 
-def test_a_stage_code_version_renames_it_and_the_stages_after_it(monkeypatch):
+@pytest.mark.parametrize("stage, renamed", [("tokenizer", [True] * 4),
+                                            ("token2wav", [False, True, True, False]),
+                                            ("judges", [False, False, True, False]),
+                                            ("tts_lm", [False, False, False, True])])
+def test_a_stage_change_renames_it_and_the_stages_that_read_it(monkeypatch, stage, renamed):
     a = sft_tts.Args()
     before = [sft_tts.cached(a, "w", s) for s in sft_tts.STAGES]
-    monkeypatch.setitem(sft_tts.STAGE_VERSIONS, "judges", sft_tts.STAGE_VERSIONS["judges"] + 1)
+    monkeypatch.setitem(sft_tts.STAGE_VERSIONS, stage, sft_tts.STAGE_VERSIONS[stage] + 1)
     after = [sft_tts.cached(a, "w", s) for s in sft_tts.STAGES]
-    assert [b == c for b, c in zip(before, after, strict=True)] == [True, True, False, False]
+    assert [b != c for b, c in zip(before, after, strict=True)] == renamed
+    a.judge_minutes += 1  # a setting of the judges: the LM keeps its folder
+    assert sft_tts.cached(a, "w", "tts_lm") == after[3] and sft_tts.cached(a, "w", "judges") != after[2]
 
 
 def _args(w, out, **kw):

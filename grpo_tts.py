@@ -360,9 +360,10 @@ def evaluate(lm: TTSLM, conds: list[Cond], judges: dict, a: Args, wav_dir: str |
     return {"cer": corpus_error(refs, hyps, "char")["wer"], "wer": corpus_error(refs, hyps)["wer"],
             "sim": float(sims.mean()) if len(have) else 0.0,
             "dur_ratio": mean(ratios), "no_eos": 1 - sum(ended) / len(ended), "n": len(conds),
-            "cer_by_voice": per_voice, "f0_hz": mean([x and x[0] for x in f0s]),  # median F0, averaged
-            "f0_iqr_st": mean([x and x[1] for x in f0s]),  # pitch movement
-            "f0_gap_st": mean([f0_gap(wavs[i], conds[i].prompt_audio) for i in have])}  # to the prompt voice
+            "cer_by_voice": per_voice, "f0_hz": mean([x[0] if x else None for x in f0s]),  # median F0
+            "f0_iqr_st": mean([x[1] if x else None for x in f0s]),  # pitch movement
+            "f0_gap_st": mean([f0_gap(x, conds[i].prompt_audio)  # to the prompt voice
+                               for x, i in zip(f0s, have, strict=True)])}
 
 
 def resynth_cer(conds: list[Cond], judges: dict) -> dict[str, float]:
@@ -378,8 +379,10 @@ def resynth_cer(conds: list[Cond], judges: dict) -> dict[str, float]:
     return {"real": corpus_error(refs, transcribe_with(asr, real, real_wav), "char")["wer"],
             "resynth": corpus_error(refs, transcribe_with(asr, [log_mel(w) for w in fake_wav], fake_wav),
                                     "char")["wer"],
-            "real_f0_gap_st": mean([f0_gap(w, c.prompt_audio) for w, c in zip(real_wav, cs, strict=True)]),
-            "resynth_f0_gap_st": mean([f0_gap(w, c.prompt_audio) for w, c in zip(fake_wav, cs, strict=True)])}
+            "real_f0_gap_st": mean([f0_gap(f0_stats(w), c.prompt_audio)
+                                    for w, c in zip(real_wav, cs, strict=True)]),
+            "resynth_f0_gap_st": mean([f0_gap(f0_stats(w), c.prompt_audio)
+                                       for w, c in zip(fake_wav, cs, strict=True)])}
 
 
 @torch.no_grad()

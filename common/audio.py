@@ -106,7 +106,8 @@ def f0_stats_of_file(path: str) -> tuple[float, float] | None:
     return f0_stats(load_audio(path))
 
 
-def f0_gap(wav: torch.Tensor, ref_path: str) -> float | None:
-    """Semitones between the median F0 of `wav` and that of the audio file `ref_path`."""
-    o, p = f0_stats(wav), f0_stats_of_file(ref_path)
-    return abs(12 * math.log2(o[0] / p[0])) if o and p else None
+def f0_gap(stats: tuple[float, float] | None, ref_path: str) -> float | None:
+    """Semitones between a median F0 (`stats`: f0_stats of an output) and that of the audio
+    file `ref_path`; None where either has no voiced frames."""
+    p = f0_stats_of_file(ref_path)
+    return abs(12 * math.log2(stats[0] / p[0])) if stats and p else None

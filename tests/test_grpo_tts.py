@@ -73,7 +73,7 @@ def test_f0_statistics_of_tones_and_pauses(tmp_path):
     assert abs(f0_stats(torch.cat([tone(150), quiet, tone(300), tone(300)]))[1] - 12) < 0.5
     assert f0_stats(torch.zeros(16000)) is None and f0_stats(tone(200)[:2000]) is None  # silent, short
     sf.write(tmp_path / "p.wav", tone(200).numpy(), 16000)  # (in a 16-bit file, 300 Hz reads as 150)
-    gap = f0_gap(torch.cat([tone(100), tone(100)]), str(tmp_path / "p.wav"))  # 100 Hz against 200 Hz
+    gap = f0_gap(f0_stats(torch.cat([tone(100), tone(100)])), str(tmp_path / "p.wav"))  # 100 Hz vs 200 Hz
     assert gap == pytest.approx(12, abs=0.3)  # an octave
     assert g.mean([1.0, None, 3.0]) == 2.0 and g.mean([None]) is None
 

@@ -46,11 +46,12 @@ from common.tts import (
     save_module,
 )
 
-STAGES = ("tokenizer", "token2wav", "judges", "tts_lm")  # the build order
-# What each stage reads: its folder's name hashes the settings of these stages only, so
-# retraining the judges (say, with a longer budget) keeps the TTS LM, which never sees them.
+# The stages in build order, each with what it reads: its folder's name hashes the settings
+# of these stages only, so retraining the judges (say, with a longer budget) keeps the TTS LM,
+# which never sees them.
 NEEDS = {"tokenizer": ("tokenizer",), "token2wav": ("tokenizer", "token2wav"),
          "judges": ("tokenizer", "token2wav", "judges"), "tts_lm": ("tokenizer", "tts_lm")}
+STAGES = tuple(NEEDS)
 # Bumped when a stage's code changes in a way its settings do not show: judges 2 = the
 # ToyEncoder masks padding; tts_lm 2 = length-bucketed batches.
 STAGE_VERSIONS = {"tokenizer": 1, "token2wav": 1, "judges": 2, "tts_lm": 2}

@@ -126,7 +126,7 @@ class Args:
     n_audio: int = 4
     """fixed dev texts written as WAV before, during and after RL"""
     eval_temperature: float = 0.0
-    """evaluation decoding: 0 = greedy, else sampled with a fixed seed"""
+    """evaluation decoding: 0 = greedy, else sampled with a fixed seed (and --top_k/--top_p)"""
     seed: int = 0
     """random seed"""
     threads: int = 0

@@ -241,7 +241,7 @@ def test_resume_continues_exactly(tiny, tmp_path, monkeypatch):
     sb = g.main(_run_args(tiny, tmp_path / "b", steps=4, eval_every=2))  # resumes at step 3
     assert sa["skipped"] == sb["skipped"] == {"non-finite reward (advantage 0)": 8}
     t = [json.loads(x)["time_s"] for x in open(tmp_path / "b" / "metrics.jsonl")]
-    assert t == sorted(t) and sb["wall_s"] >= t[-1], t
+    assert t == sorted(t) and sb["wall_s"] >= round(t[-1], 1), t  # wall_s is rounded to 0.1 s
     a = load_file(str(tmp_path / "a" / "last" / "model.safetensors"))
     b = load_file(str(tmp_path / "b" / "last" / "model.safetensors"))
     for k in a:

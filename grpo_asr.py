@@ -417,6 +417,9 @@ def main(a: Args) -> dict:
             json.dump({"init": a.init, "test": res, "skipped": skips.as_dict()}, fh, indent=1)
         return {"test": res}
     utts, feats = featurize(model, a.data, skips, a)
+    if len(utts) < a.batch_size:  # B is the number of groups in a step (and in Dr.GRPO's constant)
+        print(f"{a.data}: {len(utts)} usable utterances, fewer than --batch_size; B = {len(utts)}")
+        a.batch_size = len(utts)
     if not toy:
         lexicon |= {w for u in utts for k in u.keywords for w in k.split()}
     if a.select:
@@ -473,7 +476,7 @@ def main(a: Args) -> dict:
     for step in bar:
         if a.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
-        batch = random.sample(range(len(utts)), min(B, len(utts)))
+        batch = random.sample(range(len(utts)), B)
         # 1. The frozen encoder embeds the batch once, reused by rollout and update (F1).
         t0 = time.time()
         with torch.no_grad():
@@ -521,9 +524,10 @@ def main(a: Args) -> dict:
                                         G)  # rows are whole groups
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.lm.parameters(), 1.0)
+                gnorm = torch.nn.utils.clip_grad_norm_(model.lm.parameters(), 1.0)  # the norm before clipping
                 opt.step()
             stats["loss"] = loss.item()
+            stats["grad_norm"] = float(gnorm)  # of the last inner update
             stats["entropy"] = float((ent.detach() * lmask).sum() / lmask.sum())
         t_update = time.time() - t1
         n_tok = int(lens.sum())

@@ -477,6 +477,9 @@ def main(a: Args) -> dict:
             json.dump({"init": a.init, "test": res, "skipped": skips.as_dict()}, fh, indent=1)
         return {"test": res}
     conds = conditions(a.data, lm, judges["tok"], skips, a.prompt_audio, a.prompt_text)
+    if len(conds) < a.batch_size:  # B is the number of groups in a step (and in Dr.GRPO's constant)
+        print(f"{a.data}: {len(conds)} usable texts, fewer than --batch_size; B = {len(conds)}")
+        a.batch_size = len(conds)
     dev = conditions(a.dev_data, lm, judges["tok"], skips, a.prompt_audio, a.prompt_text)
     fixed = dev[: a.n_audio]  # the fixed texts a user listens to
     evaluate(lm, fixed, judges, a, os.path.join(a.out_dir, "audio", "step_0000"))
@@ -535,7 +538,7 @@ def main(a: Args) -> dict:
     for step in bar:
         if a.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
-        batch = [conds[i] for i in random.sample(range(len(conds)), min(B, len(conds)))]
+        batch = [conds[i] for i in random.sample(range(len(conds)), B)]
         # 1. Rollout: G samples per text from π_old = π_θ (Eq. G1).
         t0 = time.time()
         outs, ended = synthesize(lm, batch, a, a.temperature, gen, repeat=G)  # B*G outputs o_i
@@ -586,9 +589,10 @@ def main(a: Args) -> dict:
                 loss, stats = grpo_loss(lp, lp.detach() if lp_old is None else lp_old, lp_ref, A, lmask, a)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
+                gnorm = torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)  # the norm before clipping
                 opt.step()
             stats["loss"] = loss.item()
+            stats["grad_norm"] = float(gnorm)  # of the last inner update
             stats["entropy"] = float((ent.detach() * lmask).sum() / lmask.sum())
         t_update = time.time() - t1
         n_tok = sum(map(len, outs))

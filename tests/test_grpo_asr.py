@@ -174,8 +174,9 @@ def test_two_step_smoke_changes_the_lm_only(tiny, tmp_path, monkeypatch):
     assert [r["step"] for r in rows] == [1, 2]
     for key in ("reward", "reward_std", "rewards/acc/mean", "frac_reward_zero_std", "kl",
                 "clip_ratio/low_mean", "entropy", "completions/mean_length", "completions/clipped_ratio",
-                "sampling_tok_s", "update_tok_s", "peak_mem_mb"):
+                "sampling_tok_s", "update_tok_s", "peak_mem_mb", "grad_norm"):
         assert key in rows[0], key
+    assert all(r["grad_norm"] > 0 for r in rows)  # the spread rewards move the LM at both steps
     # step 1: π_θ = π_old = π_ref, dropout off -> ρ = 1 (nothing clipped) and KL = 0
     assert rows[0]["kl"] < 1e-6 and rows[0]["clip_ratio/region_mean"] == 0.0
     saved = json.load(open(tmp_path / "summary.json"))
@@ -255,14 +256,17 @@ def test_resume_continues_exactly(tiny, tmp_path, monkeypatch):
 
 def test_options_run_end_to_end(tiny, tmp_path, monkeypatch):
     """μ = 2 inner updates (ρ moves off 1 on the second), Dr.GRPO scaling and aggregation,
-    clip-higher, and dropping all-equal groups, together for two steps. --cuda_graph (on by
+    clip-higher, and dropping all-equal groups, together for two steps, with a batch larger
+    than the RL set. --cuda_graph (on by
     default) reaches the sampler only on CUDA; --compile_sampler reaches it as given."""
     graph_args, real_sample = [], g.sample
     monkeypatch.setattr(g, "sample",
                         lambda *x, **k: graph_args.append((k["cuda_graph"], k["compiled"]))
                         or real_sample(*x, **k))
-    g.main(_run_args(tiny, tmp_path, mu=2, scale="none", loss_agg="dr_grpo", eps_high=0.28,
-                     drop_zero_std=True, temperature=1.5, top_k=5, top_p=0.9, compile_sampler=True))
+    s = g.main(_run_args(tiny, tmp_path, mu=2, scale="none", loss_agg="dr_grpo", eps_high=0.28,
+                         drop_zero_std=True, temperature=1.5, top_k=5, top_p=0.9, compile_sampler=True,
+                         batch_size=10))
+    assert s["args"]["batch_size"] == 8  # B is what the 8 training utterances allow (Dr.GRPO's constant)
     rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
     assert len(rows) == 2 and all(r["completions/max_length"] <= 6 for r in rows)
     # dropped groups: a step whose groups are all equal makes no update (no loss logged)

@@ -241,8 +241,9 @@ def test_two_step_smoke_changes_the_policy(world, tmp_path):
     for key in ("reward", "reward_std", "rewards/acc/mean", "rewards/dur/mean", "rewards/div/mean",
                 "rewards/sim/mean", "frac_reward_zero_std", "kl", "clip_ratio/low_mean", "entropy",
                 "completions/mean_length", "completions/clipped_ratio", "sampling_tok_s", "update_tok_s",
-                "peak_mem_mb"):
+                "peak_mem_mb", "grad_norm"):
         assert key in rows[0], key
+    assert all(r["grad_norm"] > 0 for r in rows)
     assert rows[0]["kl"] < 1e-6  # step 1: π_θ = π_ref
     # μ = 1: ℓ(old) is this step's ℓ detached, so ρ = 1 and nothing is clipped at any step
     assert all(r["clip_ratio/low_mean"] == r["clip_ratio/high_mean"] == 0.0 for r in rows)
@@ -360,6 +361,7 @@ def test_options_run_end_to_end(world, tmp_path, monkeypatch):
     assert len(rows) == 2 and all(r["completions/max_length"] <= 12 for r in rows)  # eos within the 12
     assert all(0.0 <= r["rewards/acc/mean"] <= 1.0 for r in rows)
     assert s["after"]["test-seen"]["n"] == TINY["test-seen"] and s["after"]["texts"]["n"] == 1
+    assert s["args"]["batch_size"] == TINY["rl"]  # B is what the RL set allows (Dr.GRPO's constant)
     assert s["resynth_cer"]["texts"] is None and s["after"]["texts"]["dur_ratio"] is None
     assert graph_args and set(graph_args) == {(False, True)}  # cpu: no graph; the compile flag passed
 

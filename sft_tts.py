@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import multiprocessing
 import os
 import random
 import shutil
@@ -105,6 +106,8 @@ class Args:
     """random seed"""
     threads: int = 0
     """CPU threads (0 = all cores)"""
+    side_by_side: bool = True
+    """train the TTS LM beside token2wav and the judges (a second process, half the threads each)"""
 
 
 # ------------------------------------------------------------------ data
@@ -424,28 +427,75 @@ def build_tts_world(a: Args | None = None, upto: str = "tts_lm") -> dict[str, st
 
 
 def _build_stages(a: Args, todo: list[str], world: str, dirs: dict[str, str], paths: dict[str, str]) -> None:
-    skips = Skips()
-    names = ["train", "dev"]
-    splits = {n: load_split(os.path.join(world, n, "manifest.jsonl"), skips)
-              for n in names + (["test-seen", "test-unseen", "rl"] if "tokenizer" in todo else [])}
-    for s in todo:
-        os.makedirs(dirs[s], exist_ok=True)
-        t0 = time.time()
-        if s == "tokenizer":
-            rep = build_tokenizer(a, dirs[s], splits)
-        else:
-            with open(paths["tokens"]) as f:
-                tokens = json.load(f)
-            if s == "token2wav":
-                rep = build_token2wav(a, dirs[s], splits, tokens)
-            elif s == "judges":
-                rep = build_judges(a, dirs[s], splits, tokens, load_module(paths["token2mel"]))
-            else:
-                rep = build_tts_lm(a, dirs[s], splits, tokens)
-        rep["wall_s"] = round(time.time() - t0, 1)
-        with open(os.path.join(dirs[s], "done.json"), "w") as f:
-            json.dump({"args": asdict(a), "report": rep}, f, indent=1)
-        print(f"stage {s}: {json.dumps({k: v for k, v in rep.items() if k != 'history'})}")
+    manifest = {n: os.path.join(world, n, "manifest.jsonl")
+                for n in ("train", "dev", "test-seen", "test-unseen", "rl")}
+    if "tokenizer" in todo:  # every split's audio, tokenised once
+        splits = {n: load_split(p, Skips()) for n, p in manifest.items()}
+        _stage(a, dirs["tokenizer"], lambda: build_tokenizer(a, dirs["tokenizer"], splits))
+    audio = [s for s in ("token2wav", "judges") if s in todo]  # these read the audio
+    with open(paths["tokens"]) as f:
+        tokens = json.load(f)
+
+    def lm_stage() -> None:  # the TTS LM reads only the texts and the tokens
+        texts = {n: ([u for u in read_data(manifest[n], Skips()) if u.key in tokens[n]], None)
+                 for n in ("train", "dev")}  # (utterances, no mels), as load_split's that were tokenised
+        _stage(a, dirs["tts_lm"], lambda: build_tts_lm(a, dirs["tts_lm"], texts, tokens))
+
+    n = a.threads or torch.get_num_threads()
+    if audio and "tts_lm" in todo and a.side_by_side and n >= 2:
+        # Side by side: the LM and the audio stages read nothing of each other, and these small
+        # models gain little from a second thread, so two processes at n/2 threads each finish
+        # both in about the time of the longer one. The audio stages log to a file.
+        log = os.path.join(os.path.dirname(dirs["tts_lm"]), "audio-stages.log")
+        child = multiprocessing.get_context("spawn").Process(
+            target=_audio_stages, args=(a, audio, manifest, dirs, paths, tokens, n // 2, log))
+        child.start()
+        print(f"stages {', '.join(audio)}: in a second process ({n // 2} of {n} threads) beside the TTS LM; "
+              f"progress in {log}", flush=True)
+        torch.set_num_threads(n - n // 2)
+        try:
+            lm_stage()
+        finally:
+            child.join()
+            torch.set_num_threads(n)
+        if child.exitcode != 0:
+            raise RuntimeError(f"stages {', '.join(audio)} failed (exit code {child.exitcode}); see {log}")
+        print(f"stages {', '.join(audio)}: done (see {log})")
+        return
+    if audio:
+        _audio_stages(a, audio, manifest, dirs, paths, tokens)
+    if "tts_lm" in todo:
+        lm_stage()
+
+
+def _audio_stages(a: Args, todo: list[str], manifest: dict[str, str], dirs: dict[str, str],
+                  paths: dict[str, str], tokens: dict, threads: int = 0, log: str = "") -> None:
+    """token2wav, then the judges (which hear token2wav's mel); in a second process when
+    `log` is given (its output goes there)."""
+    if log:
+        f = open(log, "w", buffering=1)
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+        torch.manual_seed(a.seed)
+        torch.set_num_threads(threads)
+    splits = {n: load_split(manifest[n], Skips()) for n in ("train", "dev")}
+    if "token2wav" in todo:
+        _stage(a, dirs["token2wav"], lambda: build_token2wav(a, dirs["token2wav"], splits, tokens))
+    if "judges" in todo:
+        _stage(a, dirs["judges"], lambda: build_judges(a, dirs["judges"], splits, tokens,
+                                                    load_module(paths["token2mel"])))
+
+
+def _stage(a: Args, out: str, build) -> None:
+    """Run one stage into its folder; done.json (its report) marks it complete."""
+    os.makedirs(out, exist_ok=True)
+    t0 = time.time()
+    rep = build()
+    rep["wall_s"] = round(time.time() - t0, 1)
+    with open(os.path.join(out, "done.json"), "w") as f:
+        json.dump({"args": asdict(a), "report": rep}, f, indent=1)
+    print(f"stage {os.path.basename(out).rsplit('-', 1)[0]}: "
+          f"{json.dumps({k: v for k, v in rep.items() if k != 'history'})}", flush=True)
 
 
 if __name__ == "__main__":

@@ -154,7 +154,7 @@ def world(tmp_path_factory):
         mp.setattr(sft_tts, "TTS_SIZES", TINY)
         # a step cap, not a time budget: the same tiny world on any machine
         a = sft_tts.Args(n_tokens=32, t2m_d=32, t2m_blocks=2, lm_d=32, lm_layers=1, eval_every=10,
-                         batch_size=8, judge_batch=8, max_steps=20)
+                         batch_size=8, judge_batch=8, max_steps=20, threads=2)  # audio stages beside the LM
         paths = sft_tts.build_tts_world(a)
         assert sft_tts.build_tts_world(a) == paths  # cached: the second call builds nothing
         # upto: another TTS LM setting, built only up to the judges, reuses them and stops there
@@ -162,6 +162,25 @@ def world(tmp_path_factory):
         assert part["reward_asr"] == paths["reward_asr"]
         assert part["tts_lm"] != paths["tts_lm"] and not os.path.exists(part["tts_lm"])
     return paths
+
+
+def test_audio_stages_ran_beside_the_lm(world):
+    """With two threads the fixture's build trained token2wav and the judges in a second
+    process (its output in a log beside the stages) while this one trained the LM."""
+    log = open(os.path.join(os.path.dirname(os.path.dirname(world["tts_lm"])), "audio-stages.log")).read()
+    assert "stage token2wav:" in log and "stage judges:" in log and "stage tts_lm" not in log
+
+
+def test_a_failed_audio_stage_names_its_log(world, tmp_path):
+    a = sft_tts.Args(n_tokens=32, lm_d=32, lm_layers=1, batch_size=8, judge_batch=8, max_steps=2,
+                     eval_every=2, threads=2)
+    dirs = {s: str(tmp_path / s) for s in sft_tts.STAGES}
+    paths = {"tokens": world["tokens"], "token2mel": str(tmp_path / "no_token2mel")}  # the judges need it
+    with pytest.raises(RuntimeError, match="judges failed .*audio-stages.log"):
+        sft_tts._build_stages(a, ["judges", "tts_lm"], world["world"], dirs, paths)
+    assert os.path.isfile(os.path.join(dirs["tts_lm"], "done.json"))  # the LM beside it finished
+    assert not os.path.exists(os.path.join(dirs["judges"], "done.json"))
+    assert "no_token2mel" in open(tmp_path / "audio-stages.log").read()  # the child's traceback
 
 
 def test_lm_bf16_trains_the_tts_lm_under_autocast(world, tmp_path, monkeypatch):

@@ -106,8 +106,8 @@ class Args:
     """random seed"""
     threads: int = 0
     """CPU threads (0 = all cores)"""
-    side_by_side: bool = True
-    """train the TTS LM beside token2wav and the judges (a second process, half the threads each)"""
+    side_by_side: bool = False
+    """train the TTS LM beside token2wav and the judges (a second process, half the threads each; README)"""
 
 
 # ------------------------------------------------------------------ data
@@ -455,6 +455,9 @@ def _build_stages(a: Args, todo: list[str], world: str, dirs: dict[str, str], pa
         torch.set_num_threads(n - n // 2)
         try:
             lm_stage()
+        except BaseException:  # an LM failure (or Ctrl-C) stops the audio stages too
+            child.terminate()
+            raise
         finally:
             child.join()
             torch.set_num_threads(n)

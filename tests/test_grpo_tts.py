@@ -154,13 +154,18 @@ def world(tmp_path_factory):
         mp.setattr(sft_tts, "TTS_SIZES", TINY)
         # a step cap, not a time budget: the same tiny world on any machine
         a = sft_tts.Args(n_tokens=32, t2m_d=32, t2m_blocks=2, lm_d=32, lm_layers=1, eval_every=10,
-                         batch_size=8, judge_batch=8, max_steps=20, threads=2)  # audio stages beside the LM
+                         batch_size=8, judge_batch=8, max_steps=20, threads=2, side_by_side=True)
         paths = sft_tts.build_tts_world(a)
         assert sft_tts.build_tts_world(a) == paths  # cached: the second call builds nothing
         # upto: another TTS LM setting, built only up to the judges, reuses them and stops there
         part = sft_tts.build_tts_world(dataclasses.replace(a, lm_lr=a.lm_lr / 2), upto="judges")
         assert part["reward_asr"] == paths["reward_asr"]
         assert part["tts_lm"] != paths["tts_lm"] and not os.path.exists(part["tts_lm"])
+        # --side_by_side false: one stage after another in this process (new judges, then that LM)
+        one_by_one = dataclasses.replace(a, judge_batch=4, lm_lr=a.lm_lr / 2, side_by_side=False)
+        seq = sft_tts.build_tts_world(one_by_one)
+        assert seq["reward_asr"] != paths["reward_asr"] and seq["tts_lm"] == part["tts_lm"]
+        assert all(os.path.isfile(os.path.join(seq[k], "model.safetensors")) for k in ("eval_asr", "tts_lm"))
     return paths
 
 
@@ -173,7 +178,7 @@ def test_audio_stages_ran_beside_the_lm(world):
 
 def test_a_failed_audio_stage_names_its_log(world, tmp_path):
     a = sft_tts.Args(n_tokens=32, lm_d=32, lm_layers=1, batch_size=8, judge_batch=8, max_steps=2,
-                     eval_every=2, threads=2)
+                     eval_every=2, threads=2, side_by_side=True)
     dirs = {s: str(tmp_path / s) for s in sft_tts.STAGES}
     paths = {"tokens": world["tokens"], "token2mel": str(tmp_path / "no_token2mel")}  # the judges need it
     with pytest.raises(RuntimeError, match="judges failed .*audio-stages.log"):

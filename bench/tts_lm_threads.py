@@ -1,0 +1,68 @@
+"""Seconds per training step of the toy TTS LM at a given thread count: the measurement
+behind sft_tts.py's side-by-side build (two processes at half the threads each beat one
+process at all of them when a second thread gains little).
+
+    python bench/tts_lm_threads.py --threads 2
+    python bench/tts_lm_threads.py --threads 1
+    python bench/tts_lm_threads.py --threads 1 & python bench/tts_lm_threads.py --threads 1   # side by side
+
+It builds (or finds) the toy TTS world's tokenizer, then times 40 training steps (after 5
+warm-up steps) of a fresh LM on length-bucketed batches, as the LM stage trains: the output
+loss and the prompt-token loss, bf16 autocast where sft_tts.py would use it, AdamW.
+"""
+import argparse
+import json
+import os
+import random
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+import sft_tts as S  # noqa: E402
+from common.data import Skips, length_batches, read_data  # noqa: E402
+from common.logprob import token_logprobs  # noqa: E402
+from common.toy import vocabulary  # noqa: E402
+from common.tts import build_toy_tts  # noqa: E402
+
+p = argparse.ArgumentParser()
+p.add_argument("--threads", type=int, default=1)
+p.add_argument("--steps", type=int, default=40)
+args = p.parse_args()
+torch.set_num_threads(args.threads)
+a = S.Args()
+w = S.build_tts_world(a, upto="tokenizer")
+with open(w["tokens"]) as f:
+    tokens = json.load(f)
+train = [u for u in read_data(os.path.join(w["world"], "train", "manifest.jsonl"), Skips())
+         if u.key in tokens["train"]]
+lm = build_toy_tts(vocabulary(), a.n_tokens, a.lm_d, a.lm_layers, seed=0).train()
+rng = random.Random(0)
+ex = S.tts_examples(lm, train, tokens["train"], train, tokens["train"], rng)
+lens = [len(p) + len(o) + rng.random() for p, o in ex]
+batches = [[ex[i] for i in b] for b in length_batches(lens, a.batch_size, seed=1)]
+opt = torch.optim.AdamW(lm.parameters(), lr=a.lm_lr)
+
+
+def step(batch) -> None:
+    ids, mask, pos, pred, y = lm.batch([p for p, _ in batch], [o for _, o in batch])
+    with torch.autocast("cpu", torch.bfloat16, enabled=a.lm_bf16):
+        hid = lm.lm.base_model(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
+        hid = hid.flatten(0, 1)
+        ppred, py = S.prompt_speech_targets(lm, batch, ids.shape[1])
+        loss = -token_logprobs(hid[pred], lm.head(), y).mean()  # the outputs
+        loss = loss - token_logprobs(hid[ppred], lm.head(), py).mean()  # the prompt's speech tokens
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+for b in batches[:5]:
+    step(b)
+t0 = time.time()
+for b in batches[5 : 5 + args.steps]:
+    step(b)
+print(f"threads {args.threads}, bf16 autocast {a.lm_bf16}: {(time.time() - t0) / args.steps:.3f} s a step "
+      f"({args.steps} steps of {a.batch_size})")

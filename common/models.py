@@ -182,7 +182,9 @@ def prefix_shared_hidden(base: nn.Module, p_emb: torch.Tensor, p_mask: torch.Ten
     h = out.last_hidden_state[:, -1:].repeat_interleave(G, 0)  # [N, 1, d]: the prompt's end predicts o[0]
     L = max(map(len, outputs)) - 1  # output tokens that are also inputs: o[:-1]
     if L > 0:
-        cache = out.past_key_values
+        # transformers >= 5.2x renamed the cache argument and output; older 5.x only knows past_key_values
+        kw = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+        cache = getattr(out, kw)
         cache.batch_repeat_interleave(G)  # [B, ...] -> [N, ...]; the backward sums over each group
         ids = torch.full((len(outputs), L), pad_id, dtype=torch.long)
         mask = torch.zeros(len(outputs), L, dtype=torch.long)  # right-padded
@@ -190,8 +192,6 @@ def prefix_shared_hidden(base: nn.Module, p_emb: torch.Tensor, p_mask: torch.Ten
             ids[i, : len(o) - 1], mask[i, : len(o) - 1] = torch.tensor(o[:-1], dtype=torch.long), 1
         ids, mask = ids.to(dev), mask.to(dev)
         pos = p_mask.sum(1).repeat_interleave(G)[:, None] + torch.arange(L, device=dev)  # [N, L]
-        # transformers >= 5.2x renamed the cache argument; older 5.x only knows past_key_values
-        kw = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
         hc = base(input_ids=ids, attention_mask=torch.cat([p_mask.repeat_interleave(G, 0), mask], 1),
                   position_ids=pos, **{kw: cache}).last_hidden_state  # [N, L, d]
         h = torch.cat([h, hc], 1)  # [N, 1+L, d]
@@ -683,11 +683,11 @@ def sample(lm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Ten
         if use_graph:
             step = _graph_step(m, w, b, cache, real, p, temperature, top_k, top_p, generator, compiled)
     else:
-        # transformers >= 5.2x renamed the cache argument; older 5.x only knows past_key_values
+        # transformers >= 5.2x renamed the cache argument and output; older 5.x only knows past_key_values
         cache_kw = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
         out = lm(inputs_embeds=inputs_embeds, attention_mask=mask_b, position_ids=pos_b,
                  use_cache=True, logits_to_keep=1)  # the prefill, once per prompt
-        cache, logits = out.past_key_values, out.logits[:, -1, lo:hi].repeat_interleave(group, 0)  # [N, V']
+        cache, logits = getattr(out, cache_kw), out.logits[:, -1, lo:hi].repeat_interleave(group, 0)  # [N,V']
         if group > 1:
             cache.batch_repeat_interleave(group)
     next_pos = pos_b[:, -1:].repeat_interleave(group, 0) + 1  # [N, 1]
@@ -716,7 +716,7 @@ def sample(lm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Ten
                 attention_mask = torch.cat([attention_mask, attention_mask.new_ones(n, 1)], 1)
                 out = lm(input_ids=tok[:, None], attention_mask=attention_mask, position_ids=next_pos,
                          use_cache=True, **{cache_kw: cache})
-                cache, logits = out.past_key_values, out.logits[:, -1, lo:hi]
+                cache, logits = getattr(out, cache_kw), out.logits[:, -1, lo:hi]
             tok, lp = _pick(logits, temperature, top_k, top_p, generator)
         next_pos = next_pos + 1
     logps = torch.stack(logps, 1)  # [N, L]; 0 past a row's eos

@@ -10,6 +10,7 @@
 
     python sft_tts.py                      # build what is missing, then print the world's figures
     python sft_tts.py --rebuild token2wav  # rebuild one stage (repeatable)
+    python sft_tts.py --side_by_side true  # token2wav and the judges in a second process beside the LM
 
 Each stage lives in .cache/tts-<world>/<stage>-<hash of its settings and those of the stages it reads>.
 """
@@ -429,6 +430,7 @@ def build_tts_world(a: Args | None = None, upto: str = "tts_lm") -> dict[str, st
 def _build_stages(a: Args, todo: list[str], world: str, dirs: dict[str, str], paths: dict[str, str]) -> None:
     manifest = {n: os.path.join(world, n, "manifest.jsonl")
                 for n in ("train", "dev", "test-seen", "test-unseen", "rl")}
+    splits: dict = {}  # split -> (utterances, log-mels), read once where this process needs them
     if "tokenizer" in todo:  # every split's audio, tokenised once
         splits = {n: load_split(p, Skips()) for n, p in manifest.items()}
         _stage(a, dirs["tokenizer"], lambda: build_tokenizer(a, dirs["tokenizer"], splits))
@@ -466,22 +468,24 @@ def _build_stages(a: Args, todo: list[str], world: str, dirs: dict[str, str], pa
         print(f"stages {', '.join(audio)}: done (see {log})")
         return
     if audio:
-        _audio_stages(a, audio, manifest, dirs, paths, tokens)
+        _audio_stages(a, audio, manifest, dirs, paths, tokens, splits=splits)
     if "tts_lm" in todo:
         lm_stage()
 
 
 def _audio_stages(a: Args, todo: list[str], manifest: dict[str, str], dirs: dict[str, str],
-                  paths: dict[str, str], tokens: dict, threads: int = 0, log: str = "") -> None:
+                  paths: dict[str, str], tokens: dict, threads: int = 0, log: str = "",
+                  splits: dict | None = None) -> None:
     """token2wav, then the judges (which hear token2wav's mel); in a second process when
-    `log` is given (its output goes there)."""
+    `log` is given (its output goes there). `splits`: train and dev already read, if they are."""
     if log:
         f = open(log, "w", buffering=1)
         os.dup2(f.fileno(), 1)
         os.dup2(f.fileno(), 2)
         torch.manual_seed(a.seed)
         torch.set_num_threads(threads)
-    splits = {n: load_split(manifest[n], Skips()) for n in ("train", "dev")}
+    if not splits:
+        splits = {n: load_split(manifest[n], Skips()) for n in ("train", "dev")}
     if "token2wav" in todo:
         _stage(a, dirs["token2wav"], lambda: build_token2wav(a, dirs["token2wav"], splits, tokens))
     if "judges" in todo:

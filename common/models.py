@@ -8,6 +8,7 @@ One class, `SpeechLLM`, serves both worlds:
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import math
@@ -163,6 +164,17 @@ def save_folder(path: str, cfg: dict, config_name: str, module: nn.Module, extra
 
 
 # ---------------------------------------------------------------- the LLM-ASR
+@functools.cache
+def _forward_takes_cache(cls: type) -> bool:
+    return "cache" in inspect.signature(cls.forward).parameters
+
+
+def cache_name(model: nn.Module) -> str:
+    """The KV cache's name in `model`'s forward and output: transformers >= 5.2x renamed it
+    `cache`; older 5.x only knows `past_key_values`. Looked up once per class."""
+    return "cache" if _forward_takes_cache(type(model)) else "past_key_values"
+
+
 def prefix_shared_hidden(base: nn.Module, p_emb: torch.Tensor, p_mask: torch.Tensor,
                          outputs: list[list[int]], pad_id: int = 0) -> torch.Tensor:
     """Final hidden states at the positions that predict each output token, [Σ|o_i|, d] in
@@ -182,8 +194,7 @@ def prefix_shared_hidden(base: nn.Module, p_emb: torch.Tensor, p_mask: torch.Ten
     h = out.last_hidden_state[:, -1:].repeat_interleave(G, 0)  # [N, 1, d]: the prompt's end predicts o[0]
     L = max(map(len, outputs)) - 1  # output tokens that are also inputs: o[:-1]
     if L > 0:
-        # transformers >= 5.2x renamed the cache argument and output; older 5.x only knows past_key_values
-        kw = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+        kw = cache_name(base)
         cache = getattr(out, kw)
         cache.batch_repeat_interleave(G)  # [B, ...] -> [N, ...]; the backward sums over each group
         ids = torch.full((len(outputs), L), pad_id, dtype=torch.long)
@@ -683,8 +694,7 @@ def sample(lm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Ten
         if use_graph:
             step = _graph_step(m, w, b, cache, real, p, temperature, top_k, top_p, generator, compiled)
     else:
-        # transformers >= 5.2x renamed the cache argument and output; older 5.x only knows past_key_values
-        cache_kw = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+        cache_kw = cache_name(lm)
         out = lm(inputs_embeds=inputs_embeds, attention_mask=mask_b, position_ids=pos_b,
                  use_cache=True, logits_to_keep=1)  # the prefill, once per prompt
         cache, logits = getattr(out, cache_kw), out.logits[:, -1, lo:hi].repeat_interleave(group, 0)  # [N,V']

@@ -75,14 +75,14 @@ class Args:
     """token2mel width"""
     t2m_blocks: int = 6
     """token2mel residual conv blocks"""
-    t2m_minutes: float = 5.0
-    """token2mel training budget"""
-    judge_minutes: float = 10.0
-    """reward ASR training budget (the evaluation ASR gets 3/4 of it)"""
+    t2m_steps: int = 550
+    """token2mel training steps (steps, not minutes: the same model at any thread count)"""
+    judge_steps: int = 1500
+    """reward ASR training steps (the evaluation ASR gets 2/3 of them)"""
     judge_batch: int = 16
     """utterances per step of the recognisers (compute-bound on CPU: more, smaller steps)"""
-    spk_minutes: float = 2.0
-    """speaker encoder training budget"""
+    spk_steps: int = 200
+    """speaker encoder training steps"""
     lm_d: int = 256
     """TTS LM hidden size"""
     lm_layers: int = 4
@@ -102,7 +102,7 @@ class Args:
     patience: int = 3
     """dev checks without improvement before a stage stops"""
     max_steps: int = 0
-    """stop every stage after this many steps too (0 = only the time budget and patience)"""
+    """stop every stage after this many steps too (0 = only each stage's own budget and patience)"""
     seed: int = 0
     """random seed"""
     threads: int = 0
@@ -121,8 +121,8 @@ def load_split(path: str, skips: Skips):
 def cached(a: Args, world: str, stage: str) -> str:
     """The stage's folder: named by its settings and those of the stages it reads."""
     upto = NEEDS[stage]
-    keys = {"tokenizer": ["n_tokens"], "token2wav": ["t2m_d", "t2m_blocks", "t2m_minutes"],
-            "judges": ["judge_minutes", "judge_batch", "spk_minutes"],
+    keys = {"tokenizer": ["n_tokens"], "token2wav": ["t2m_d", "t2m_blocks", "t2m_steps"],
+            "judges": ["judge_steps", "judge_batch", "spk_steps"],
             "tts_lm": ["lm_d", "lm_layers", "lm_lr", "lm_minutes", "lm_bf16", "patience"]}
     cfg = {k: getattr(a, k) for s in upto for k in keys[s]} | {"seed": a.seed, "bs": a.batch_size,
                                                                "every": a.eval_every}
@@ -138,19 +138,20 @@ def cached(a: Args, world: str, stage: str) -> str:
     return os.path.join(cache_root(), f"tts-{os.path.basename(world)}", f"{stage}-{h}")
 
 
-def train_until_plateau(name: str, params, step_fn, dev_fn, minutes: float, a: Args, lr: float,
-                        save_fn) -> dict:
-    """AdamW with warmup and cosine decay over the time budget; dev_fn() (lower is better)
-    every eval_every steps; save_fn() at each new best; stop after `patience` checks
-    without improvement or when the budget is spent."""
+def train_until_plateau(name: str, params, step_fn, dev_fn, a: Args, lr: float, save_fn,
+                        steps: int = 0, minutes: float = 0.0) -> dict:
+    """AdamW with warmup and cosine decay over the budget (`steps`, else `minutes`); dev_fn()
+    (lower is better) every eval_every steps; save_fn() at each new best; stop after
+    `patience` checks without improvement or when the budget is spent."""
+    steps = min(steps or a.max_steps, a.max_steps or steps)  # the smaller of those set; 0 if neither
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     params = [p for g in opt.param_groups for p in g["params"]]
     t0, best, bad, step, hist = time.time(), math.inf, 0, 0, []
     bar = tqdm(desc=name, unit="step")
     while True:
         step += 1
-        # the schedule runs over the step cap if there is one (reproducible), else the time budget
-        frac = step / a.max_steps if a.max_steps else min((time.time() - t0) / (60 * minutes), 1.0)
+        # the schedule runs over the step budget if there is one (reproducible), else the time budget
+        frac = step / steps if steps else min((time.time() - t0) / (60 * minutes), 1.0)
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, step / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
         loss = step_fn()
@@ -160,7 +161,7 @@ def train_until_plateau(name: str, params, step_fn, dev_fn, minutes: float, a: A
         opt.step()
         bar.update()
         bar.set_postfix(loss=f"{loss.item():.3f}")
-        last = frac >= 1.0 or time.time() - t0 > 60 * minutes
+        last = frac >= 1.0 or (not steps and time.time() - t0 > 60 * minutes)
         if step % a.eval_every == 0 or last:
             d = dev_fn()
             hist.append({"step": step, "min": round((time.time() - t0) / 60, 2), "dev": d})
@@ -186,11 +187,12 @@ def peers(utts) -> list[list[int]]:
     return [[j for j in by_spk[u.speaker] if j != i] or [i] for i, u in enumerate(utts)]
 
 
-def train_ctc(name: str, cfg: dict, data: list, dev: list, minutes: float, seed: int, a: Args,
+def train_ctc(name: str, cfg: dict, data: list, dev: list, budget: dict, seed: int, a: Args,
               path: str, rng: random.Random) -> dict:
     """A character CTC recogniser on (log-mel, utterance) pairs, batches drawn with rng;
     dev = a list of (log-mels, utterances) sets whose CERs are averaged. The best dev
-    checkpoint is saved at `path`; returns the training report."""
+    checkpoint is saved at `path`; budget: {"steps": n} or {"minutes": m}; returns the
+    training report."""
     torch.manual_seed(a.seed + seed)
     asr = CTCRecognizer(cfg)
 
@@ -205,8 +207,8 @@ def train_ctc(name: str, cfg: dict, data: list, dev: list, minutes: float, seed:
         return sum(corpus_error([u.text for u in us], asr.transcribe(ms), "char")["wer"]
                    for ms, us in dev) / len(dev)
 
-    return train_until_plateau(name, asr.parameters(), step_fn, dev_fn, minutes, a, 1e-3,
-                               lambda: save_module(asr, path))
+    return train_until_plateau(name, asr.parameters(), step_fn, dev_fn, a, 1e-3,
+                               lambda: save_module(asr, path), **budget)
 
 
 def build_tokenizer(a, out, splits):
@@ -214,8 +216,9 @@ def build_tokenizer(a, out, splits):
     if a.tokens == "semantic":  # CosyVoice's supervised semantic tokens: an ASR's states, clustered
         (utts, mels), (dev_u, dev_m) = splits["train"], splits["dev"]
         rep["asr"] = train_ctc("tokenizer_asr", {"d": 128, "layers": 3, "conv_blocks": 2},
-                               list(zip(mels, utts, strict=True)), [(dev_m, dev_u)], a.tok_asr_minutes, 3,
-                               a, os.path.join(out, "asr"), random.Random(a.seed + 3))
+                               list(zip(mels, utts, strict=True)), [(dev_m, dev_u)],
+                               {"minutes": a.tok_asr_minutes}, 3, a, os.path.join(out, "asr"),
+                               random.Random(a.seed + 3))
         asr = load_module(os.path.join(out, "asr"))  # its best dev checkpoint
         tok: torch.nn.Module = SemanticTokenizer.fit(asr, mels, a.n_tokens, seed=a.seed)
     elif a.tokens == "mel":
@@ -270,8 +273,8 @@ def build_token2wav(a, out, splits, tokens):
         return d
 
     return train_until_plateau("token2mel", net.parameters(), lambda: loss_on(train_batch()),
-                               dev_fn, a.t2m_minutes, a, 2e-3,
-                               lambda: save_module(net, os.path.join(out, "token2mel")))
+                               dev_fn, a, 2e-3, lambda: save_module(net, os.path.join(out, "token2mel")),
+                               steps=a.t2m_steps)
 
 
 def build_judges(a, out, splits, tokens, t2m):
@@ -292,12 +295,12 @@ def build_judges(a, out, splits, tokens, t2m):
     report = {}
     # two different recognisers: the evaluation ASR is smaller, shaped differently, seeded apart;
     # dev CER is the mean over real and token2wav dev audio
-    for name, cfg, minutes, seed in (("reward_asr", {"d": 144, "layers": 3, "conv_blocks": 3},
-                                      a.judge_minutes, 1),
-                                     ("eval_asr", {"d": 128, "layers": 3, "conv_blocks": 2},
-                                      0.75 * a.judge_minutes, 2)):
-        report[name] = train_ctc(name, cfg, data, [(dev_m, dev_u), (dev_fake, dev_u)], minutes, seed, a,
-                                 os.path.join(out, name), rng)
+    for name, cfg, steps, seed in (("reward_asr", {"d": 144, "layers": 3, "conv_blocks": 3},
+                                    a.judge_steps, 1),
+                                   ("eval_asr", {"d": 128, "layers": 3, "conv_blocks": 2},
+                                    2 * a.judge_steps // 3, 2)):
+        report[name] = train_ctc(name, cfg, data, [(dev_m, dev_u), (dev_fake, dev_u)], {"steps": steps},
+                                 seed, a, os.path.join(out, name), rng)
     speakers = sorted({u.speaker for u in utts})
     spk = SpeakerEncoder({"d": 128, "layers": 2, "n_speakers": len(speakers)})
     allm = torch.cat(mels)
@@ -316,8 +319,9 @@ def build_judges(a, out, splits, tokens, t2m):
         spk.train()
         return float((pred != torch.tensor([sid[u.speaker] for u in dev_u])).float().mean())
 
-    report["speaker"] = train_until_plateau("speaker", spk.parameters(), spk_step, spk_dev, a.spk_minutes, a,
-                                            1e-3, lambda: save_module(spk, os.path.join(out, "speaker")))
+    report["speaker"] = train_until_plateau("speaker", spk.parameters(), spk_step, spk_dev, a, 1e-3,
+                                            lambda: save_module(spk, os.path.join(out, "speaker")),
+                                            steps=a.spk_steps)
     return report
 
 
@@ -389,8 +393,8 @@ def build_tts_lm(a, out, splits, tokens):
         return d / len(dev_ex)
 
     lm.train()
-    return train_until_plateau("tts_lm", lm.parameters(), step_fn, dev_fn, a.lm_minutes, a, a.lm_lr,
-                               lambda: save_module(lm, os.path.join(out, "tts_lm")))
+    return train_until_plateau("tts_lm", lm.parameters(), step_fn, dev_fn, a, a.lm_lr,
+                               lambda: save_module(lm, os.path.join(out, "tts_lm")), minutes=a.lm_minutes)
 
 
 # ------------------------------------------------------------------ driver

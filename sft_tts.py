@@ -356,22 +356,25 @@ def prompt_speech_targets(lm: TTSLM, ex: list[tuple[list[int], list[int]]], widt
     return torch.tensor(pos, dtype=torch.long), torch.tensor(y, dtype=torch.long)
 
 
+def lm_nll(lm: TTSLM, ex: list[tuple[list[int], list[int]]], w_prompt: float = 0.0) -> torch.Tensor:
+    """The SFT loss of (prompt, output) pairs: mean NLL of the output tokens (speech tokens
+    and `<eos>`), plus w_prompt times that of the prompt's speech tokens."""
+    ids, mask, pos, pred, y = lm.batch([p for p, _ in ex], [o for _, o in ex])
+    hid = lm.lm.base_model(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
+    hid = hid.flatten(0, 1)  # [N*L, d]
+    loss = -token_logprobs(hid[pred], lm.head(), y).mean()  # the outputs: speech tokens + eos
+    if w_prompt:  # the prompt's speech tokens, each from the position before it
+        ppred, py = (t.to(hid.device) for t in prompt_speech_targets(lm, ex, ids.shape[1]))
+        loss = loss - w_prompt * token_logprobs(hid[ppred], lm.head(), py).mean()
+    return loss
+
+
 def build_tts_lm(a, out, splits, tokens):
     torch.manual_seed(a.seed)
     lm = build_toy_tts(vocabulary(), a.n_tokens, a.lm_d, a.lm_layers, seed=a.seed)
     tr_u, dev_u = splits["train"][0], splits["dev"][0]
     rng = random.Random(a.seed)
     dev_ex = tts_examples(lm, dev_u, tokens["dev"], tr_u, tokens["train"])
-
-    def nll(ex, w_prompt: float = 0.0):
-        ids, mask, pos, pred, y = lm.batch([p for p, _ in ex], [o for _, o in ex])
-        hid = lm.lm.base_model(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
-        hid = hid.flatten(0, 1)  # [N*L, d]
-        loss = -token_logprobs(hid[pred], lm.head(), y).mean()  # the outputs: speech tokens + eos
-        if w_prompt:  # the prompt's speech tokens, each from the position before it
-            ppred, py = (t.to(hid.device) for t in prompt_speech_targets(lm, ex, ids.shape[1]))
-            loss = loss - w_prompt * token_logprobs(hid[ppred], lm.head(), py).mean()
-        return loss
 
     queue: list[list] = []  # this epoch's batches, fresh prompts and order every epoch
 
@@ -382,12 +385,12 @@ def build_tts_lm(a, out, splits, tokens):
             batches = length_batches(lens, a.batch_size, seed=rng.randrange(2**31))
             queue.extend([ex[i] for i in b] for b in batches)
         with torch.autocast("cpu", torch.bfloat16, enabled=a.lm_bf16):
-            return nll(queue.pop(), a.lm_prompt_loss)
+            return lm_nll(lm, queue.pop(), a.lm_prompt_loss)
 
     def dev_fn():  # the outputs only, whatever the training loss
         lm.eval()
         with torch.no_grad():
-            d = sum(float(nll(dev_ex[s : s + 64])) * len(dev_ex[s : s + 64])
+            d = sum(float(lm_nll(lm, dev_ex[s : s + 64])) * len(dev_ex[s : s + 64])
                     for s in range(0, len(dev_ex), 64))
         lm.train()
         return d / len(dev_ex)

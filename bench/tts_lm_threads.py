@@ -23,7 +23,6 @@ import torch  # noqa: E402
 
 import sft_tts as S  # noqa: E402
 from common.data import Skips, length_batches, read_data  # noqa: E402
-from common.logprob import token_logprobs  # noqa: E402
 from common.toy import vocabulary  # noqa: E402
 from common.tts import build_toy_tts  # noqa: E402
 
@@ -47,13 +46,8 @@ opt = torch.optim.AdamW(lm.parameters(), lr=a.lm_lr)
 
 
 def step(batch) -> None:
-    ids, mask, pos, pred, y = lm.batch([p for p, _ in batch], [o for _, o in batch])
     with torch.autocast("cpu", torch.bfloat16, enabled=a.lm_bf16):
-        hid = lm.lm.base_model(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
-        hid = hid.flatten(0, 1)
-        ppred, py = S.prompt_speech_targets(lm, batch, ids.shape[1])
-        loss = -token_logprobs(hid[pred], lm.head(), y).mean()  # the outputs
-        loss = loss - token_logprobs(hid[ppred], lm.head(), py).mean()  # the prompt's speech tokens
+        loss = S.lm_nll(lm, batch, a.lm_prompt_loss)  # the LM stage's own loss
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()

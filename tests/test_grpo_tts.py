@@ -232,27 +232,21 @@ def test_a_stage_change_renames_it_and_the_stages_that_read_it(monkeypatch, stag
 def test_a_step_budget_ends_the_stage_and_its_cosine(steps, max_steps, ran):
     # token2wav and the judges train for steps, not minutes: the same models at any thread count
     w = torch.nn.Parameter(torch.zeros(()))
-    lrs: list[float] = []
-
-    def step_fn():
-        return (w - 1) ** 2
-
-    def dev_fn():  # read the learning rate the step just used
-        lrs.append(opt_lr[0])
-        return 1.0 / (1 + len(lrs))  # always improving: only the budget stops it
-
-    opt_lr = [0.0]
+    lrs: list[float] = []  # the learning rate of every step
     real = torch.optim.AdamW.step
 
     def spy(self, *args, **kw):
-        opt_lr[0] = self.param_groups[0]["lr"]
+        lrs.append(self.param_groups[0]["lr"])
         return real(self, *args, **kw)
+
+    def dev_fn():  # always improving: only the budget stops the stage
+        return 1.0 / (1 + len(lrs))
 
     a = sft_tts.Args(eval_every=1, max_steps=max_steps, patience=99)
     with pytest.MonkeyPatch.context() as m:
         m.setattr(torch.optim.AdamW, "step", spy)
-        rep = sft_tts.train_until_plateau("t", [w], step_fn, dev_fn, a, 1.0, lambda: None, steps=steps,
-                                          minutes=60.0)
+        rep = sft_tts.train_until_plateau("t", [w], lambda: (w - 1) ** 2, dev_fn, a, 1.0, lambda: None,
+                                          steps=steps, minutes=60.0)
     assert rep["steps"] == ran and rep["stopped"] == "budget" and len(lrs) == ran
     # warmup (step/100) times the cosine, which reaches its floor (0.1) at the last step
     assert lrs[-1] == pytest.approx(ran / 100 * 0.1)

@@ -237,6 +237,8 @@ def test_a_step_budget_ends_the_stage_and_its_cosine(steps, max_steps, ran):
 
     def spy(self, *args, **kw):
         lrs.append(self.param_groups[0]["lr"])
+        if len(lrs) > 100:  # fail, not hang for the 60 minutes, if the step budget is ignored
+            raise RuntimeError("the stage ran past its step budget")
         return real(self, *args, **kw)
 
     def dev_fn():  # always improving: only the budget stops the stage

@@ -439,8 +439,10 @@ def _build_stages(a: Args, todo: list[str], world: str, dirs: dict[str, str], pa
                 for n in ("train", "dev", "test-seen", "test-unseen", "rl")}
     splits: dict = {}  # split -> (utterances, log-mels), read once where this process needs them
     if "tokenizer" in todo:  # every split's audio, tokenised once
-        splits = {n: load_split(p, Skips()) for n, p in manifest.items()}
-        _stage(a, dirs["tokenizer"], lambda: build_tokenizer(a, dirs["tokenizer"], splits))
+        skips = Skips()  # every split's bad lines and audio, each named as read; totalled in the report
+        splits = {n: load_split(p, skips) for n, p in manifest.items()}
+        _stage(a, dirs["tokenizer"], lambda: build_tokenizer(a, dirs["tokenizer"], splits)
+               | {"skipped": skips.as_dict()})  # the later stages use only what was tokenised
     audio = [s for s in ("token2wav", "judges") if s in todo]  # these read the audio
     with open(paths["tokens"]) as f:
         tokens = json.load(f)

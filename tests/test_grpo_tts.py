@@ -273,7 +273,7 @@ def test_world_stages_are_saved_and_each_can_be_rebuilt(world):
     for k in ("tokenizer", "token2mel", "reward_asr", "eval_asr", "speaker", "tts_lm"):
         assert os.path.isfile(os.path.join(world[k], "model.safetensors")), k
     done = json.load(open(os.path.join(os.path.dirname(world["tokens"]), "done.json")))
-    assert done["report"]["codes_used"] > 1
+    assert done["report"]["codes_used"] > 1 and done["report"]["skipped"] == {}  # no bad item here
     tokens = json.load(open(world["tokens"]))
     assert set(tokens) == set(TINY) and len(tokens["train"]) == TINY["train"]
 

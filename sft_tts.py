@@ -10,7 +10,7 @@
 
     python sft_tts.py                      # build what is missing, then print the world's figures
     python sft_tts.py --rebuild token2wav  # rebuild one stage (repeatable)
-    python sft_tts.py --side_by_side false # one stage after another (default: the LM beside the rest)
+    python sft_tts.py --side_by_side true  # token2wav and the judges in a second process beside the LM
 
 Each stage lives in .cache/tts-<world>/<stage>-<hash of its settings and those of the stages it reads>.
 """
@@ -89,12 +89,12 @@ class Args:
     """TTS LM layers"""
     lm_lr: float = 1e-3
     """TTS LM peak learning rate"""
-    lm_steps: int = 3800
-    """TTS LM training steps (the same LM at any thread count); it stops earlier if dev NLL stops improving"""
+    lm_minutes: float = 35.0
+    """TTS LM budget; it stops earlier when dev NLL stops improving"""
     lm_prompt_loss: float = 1.0
     """SFT loss weight on the prompt's speech tokens (CosyVoice 2 learns them all; 0 = outputs only)"""
-    bf16: bool = field(default_factory=cpu_has_bf16)
-    """bf16 autocast in every stage's training; default: on where the CPU has avx512_bf16 (else emulated)"""
+    lm_bf16: bool = field(default_factory=cpu_has_bf16)
+    """bf16 autocast for the TTS LM; default: on where the CPU has avx512_bf16 (elsewhere it is emulated)"""
     batch_size: int = 32
     """utterances per step, every stage"""
     eval_every: int = 200
@@ -107,8 +107,8 @@ class Args:
     """random seed"""
     threads: int = 0
     """CPU threads (0 = all cores)"""
-    side_by_side: bool = True
-    """train the TTS LM beside token2wav and the judges (two processes, half the threads each; README)"""
+    side_by_side: bool = False
+    """train the TTS LM beside token2wav and the judges (a second process, half the threads each; README)"""
 
 
 # ------------------------------------------------------------------ data
@@ -121,9 +121,9 @@ def load_split(path: str, skips: Skips):
 def cached(a: Args, world: str, stage: str) -> str:
     """The stage's folder: named by its settings and those of the stages it reads."""
     upto = NEEDS[stage]
-    keys = {"tokenizer": ["n_tokens"], "token2wav": ["t2m_d", "t2m_blocks", "t2m_steps", "bf16"],
+    keys = {"tokenizer": ["n_tokens"], "token2wav": ["t2m_d", "t2m_blocks", "t2m_steps"],
             "judges": ["judge_steps", "judge_batch", "spk_steps"],
-            "tts_lm": ["lm_d", "lm_layers", "lm_lr", "lm_steps", "bf16", "patience"]}
+            "tts_lm": ["lm_d", "lm_layers", "lm_lr", "lm_minutes", "lm_bf16", "patience"]}
     cfg = {k: getattr(a, k) for s in upto for k in keys[s]} | {"seed": a.seed, "bs": a.batch_size,
                                                                "every": a.eval_every}
     if a.max_steps:
@@ -138,24 +138,11 @@ def cached(a: Args, world: str, stage: str) -> str:
     return os.path.join(cache_root(), f"tts-{os.path.basename(world)}", f"{stage}-{h}")
 
 
-# Side by side, each process takes the other's threads once the other is done: `done` is
-# asked before every training step (and token2mel batch) and, when true, `threads` are taken.
-_spare: dict = {"done": None, "threads": 0}
-
-
-def take_spare_threads() -> None:
-    if _spare["done"] is not None and _spare["done"]():
-        torch.set_num_threads(_spare["threads"])
-        _spare["done"] = None
-        tqdm.write(f"the other process is done: {_spare['threads']} threads from here on")
-
-
 def train_until_plateau(name: str, params, step_fn, dev_fn, a: Args, lr: float, save_fn,
                         steps: int = 0, minutes: float = 0.0) -> dict:
-    """AdamW with warmup and cosine decay over the budget (`steps`, else `minutes`); step_fn()
-    (the loss) under bf16 autocast if a.bf16; dev_fn() (lower is better, in fp32) every
-    eval_every steps; save_fn() at each new best; stop after `patience` checks without
-    improvement or when the budget is spent."""
+    """AdamW with warmup and cosine decay over the budget (`steps`, else `minutes`); dev_fn()
+    (lower is better) every eval_every steps; save_fn() at each new best; stop after
+    `patience` checks without improvement or when the budget is spent."""
     steps = min(steps or a.max_steps, a.max_steps or steps)  # the smaller of those set; 0 if neither
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     params = [p for g in opt.param_groups for p in g["params"]]
@@ -167,9 +154,7 @@ def train_until_plateau(name: str, params, step_fn, dev_fn, a: Args, lr: float, 
         frac = step / steps if steps else min((time.time() - t0) / (60 * minutes), 1.0)
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, step / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
-        take_spare_threads()
-        with torch.autocast("cpu", torch.bfloat16, enabled=a.bf16):
-            loss = step_fn().float()
+        loss = step_fn()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -300,17 +285,13 @@ def build_judges(a, out, splits, tokens, t2m):
     near = peers(utts)
     fake = []  # a voice-reading token2mel hears another utterance of the speaker, as in synthesis
     for s in tqdm(range(0, len(utts), 256), desc="token2mel of train"):
-        take_spare_threads()
-        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=a.bf16):
-            got = t2m.mel([torch.tensor(tokens["train"][u.key]) for u in utts[s : s + 256]],
-                          [mels[vrng.choice(near[i])] for i in range(s, min(s + 256, len(utts)))])
-        fake += [m.float() for m in got]
+        fake += t2m.mel([torch.tensor(tokens["train"][u.key]) for u in utts[s : s + 256]],
+                        [mels[vrng.choice(near[i])] for i in range(s, min(s + 256, len(utts)))])
     data = ([(m, u) for u, m in zip(utts, mels, strict=True)]
             + [(m, u) for u, m in zip(utts, fake, strict=True)])
     dev_u, dev_m = splits["dev"]
-    with torch.no_grad():  # dev in fp32, as every stage's dev check
-        dev_fake = t2m.mel([torch.tensor(tokens["dev"][u.key]) for u in dev_u],
-                           [dev_m[p[0]] for p in peers(dev_u)])
+    dev_fake = t2m.mel([torch.tensor(tokens["dev"][u.key]) for u in dev_u],
+                       [dev_m[p[0]] for p in peers(dev_u)])
     report = {}
     # two different recognisers: the evaluation ASR is smaller, shaped differently, seeded apart;
     # dev CER is the mean over real and token2wav dev audio
@@ -403,7 +384,8 @@ def build_tts_lm(a, out, splits, tokens):
             lens = [len(p) + len(o) + rng.random() for p, o in ex]  # random tie-break
             batches = length_batches(lens, a.batch_size, seed=rng.randrange(2**31))
             queue.extend([ex[i] for i in b] for b in batches)
-        return lm_nll(lm, queue.pop(), a.lm_prompt_loss)
+        with torch.autocast("cpu", torch.bfloat16, enabled=a.lm_bf16):
+            return lm_nll(lm, queue.pop(), a.lm_prompt_loss)
 
     def dev_fn():  # the outputs only, whatever the training loss
         lm.eval()
@@ -415,7 +397,7 @@ def build_tts_lm(a, out, splits, tokens):
 
     lm.train()
     return train_until_plateau("tts_lm", lm.parameters(), step_fn, dev_fn, a, a.lm_lr,
-                               lambda: save_module(lm, os.path.join(out, "tts_lm")), steps=a.lm_steps)
+                               lambda: save_module(lm, os.path.join(out, "tts_lm")), minutes=a.lm_minutes)
 
 
 # ------------------------------------------------------------------ driver
@@ -474,27 +456,21 @@ def _build_stages(a: Args, todo: list[str], world: str, dirs: dict[str, str], pa
     if audio and "tts_lm" in todo and a.side_by_side and n >= 2:
         # Side by side: the LM and the audio stages read nothing of each other, and these small
         # models gain little from a second thread, so two processes at n/2 threads each finish
-        # both sooner than one after another; whichever ends first hands its threads to the
-        # other. The audio stages log to a file.
+        # both in about the time of the longer one. The audio stages log to a file.
         log = os.path.join(os.path.dirname(dirs["tts_lm"]), "audio-stages.log")
-        ctx = multiprocessing.get_context("spawn")
-        lm_done = ctx.Event()
-        child = ctx.Process(target=_audio_stages,
-                            args=(a, audio, manifest, dirs, paths, tokens, (n // 2, n, lm_done), log))
+        child = multiprocessing.get_context("spawn").Process(
+            target=_audio_stages, args=(a, audio, manifest, dirs, paths, tokens, n // 2, log))
         child.start()
         print(f"stages {', '.join(audio)}: in a second process ({n // 2} of {n} threads) beside the TTS LM; "
               f"progress in {log}", flush=True)
         torch.set_num_threads(n - n // 2)
-        _spare.update(done=lambda: not child.is_alive(), threads=n)
         try:
             lm_stage()
         except BaseException:  # an LM failure (or Ctrl-C) stops the audio stages too
             child.terminate()
             raise
         finally:
-            lm_done.set()
             child.join()
-            _spare["done"] = None
             torch.set_num_threads(n)
         if child.exitcode != 0:
             raise RuntimeError(f"stages {', '.join(audio)} failed (exit code {child.exitcode}); see {log}")
@@ -507,20 +483,16 @@ def _build_stages(a: Args, todo: list[str], world: str, dirs: dict[str, str], pa
 
 
 def _audio_stages(a: Args, todo: list[str], manifest: dict[str, str], dirs: dict[str, str],
-                  paths: dict[str, str], tokens: dict, threads: tuple | None = None, log: str = "",
+                  paths: dict[str, str], tokens: dict, threads: int = 0, log: str = "",
                   splits: dict | None = None) -> None:
     """token2wav, then the judges (which hear token2wav's mel); in a second process when
-    `log` is given (its output goes there), with threads = (its own, all, an event set when
-    the LM is done). `splits`: train and dev already read, if they are."""
+    `log` is given (its output goes there). `splits`: train and dev already read, if they are."""
     if log:
         f = open(log, "w", buffering=1)
         os.dup2(f.fileno(), 1)
         os.dup2(f.fileno(), 2)
         torch.manual_seed(a.seed)
-    if threads:
-        own, every, lm_done = threads
-        torch.set_num_threads(own)
-        _spare.update(done=lm_done.is_set, threads=every)
+        torch.set_num_threads(threads)
     if not splits:
         splits = {n: load_split(manifest[n], Skips()) for n in ("train", "dev")}
     if "token2wav" in todo:

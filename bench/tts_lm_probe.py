@@ -4,11 +4,11 @@ prints seconds per step and the dev NLL curve. It skips token2wav and the judges
 audio: the LM reads only the token cache), so it answers "how fast does the TTS LM learn"
 in minutes instead of the full build's.
 
-    python bench/tts_lm_probe.py --lm_steps 1000                # 1,000 steps of TTS LM training
-    python bench/tts_lm_probe.py --lm_steps 1000 --tokens semantic
-    # learning-rate / loss trials at equal steps (the cosine runs over the step budget);
-    # --stop_after ends the probe early, at the same point of the default's cosine
-    python bench/tts_lm_probe.py --threads 1 --stop_after 600 --lm_lr 3e-3
+    python bench/tts_lm_probe.py --lm_minutes 8                 # 8 minutes of TTS LM training
+    python bench/tts_lm_probe.py --lm_minutes 8 --tokens semantic
+    # learning-rate / loss trials at equal steps (the cosine runs over --max_steps, as the
+    # default build's 35-45 minutes do over about 2,400 steps); --stop_after ends the probe early
+    python bench/tts_lm_probe.py --threads 1 --max_steps 2370 --stop_after 600 --lm_lr 3e-3
 
 The LM lands in runs/tts_lm_probe/<tag>/tts_lm; `grpo_tts.py --eval_only --init` on it
 (with that world's --tokenizer and --token2mel) gives its greedy CER.
@@ -66,7 +66,7 @@ history: list = []
 plain = S.train_until_plateau
 
 
-def until(name, params, step_fn, dev_fn, *rest, **kw):
+def until(name, params, step_fn, dev_fn, *rest):
     """The stage's own loop, ended after the dev check at --stop_after."""
     def dev_then_stop():
         d = dev_fn()
@@ -74,7 +74,7 @@ def until(name, params, step_fn, dev_fn, *rest, **kw):
         if a.stop_after and history[-1]["step"] >= a.stop_after:
             raise Stop
         return d
-    return plain(name, params, step_fn, dev_then_stop, *rest, **kw)
+    return plain(name, params, step_fn, dev_then_stop, *rest)
 
 
 S.train_until_plateau = until

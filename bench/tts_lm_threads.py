@@ -46,7 +46,7 @@ opt = torch.optim.AdamW(lm.parameters(), lr=a.lm_lr)
 
 
 def step(batch) -> None:
-    with torch.autocast("cpu", torch.bfloat16, enabled=a.bf16):
+    with torch.autocast("cpu", torch.bfloat16, enabled=a.lm_bf16):
         loss = S.lm_nll(lm, batch, a.lm_prompt_loss)  # the LM stage's own loss
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -58,5 +58,5 @@ for b in batches[:5]:
 t0 = time.time()
 for b in batches[5 : 5 + args.steps]:
     step(b)
-print(f"threads {args.threads}, bf16 autocast {a.bf16}: {(time.time() - t0) / args.steps:.3f} s a step "
+print(f"threads {args.threads}, bf16 autocast {a.lm_bf16}: {(time.time() - t0) / args.steps:.3f} s a step "
       f"({args.steps} steps of {a.batch_size})")

@@ -263,11 +263,11 @@ class CTCRecognizer(nn.Module):
         self.head = nn.Linear(cfg["d"], len(CHARS) + 1)
 
     def forward(self, mels: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """log-mel [T_i, 80] each -> CTC log-probs [B, T', C] (fp32, under autocast too) and lengths [B]."""
+        """log-mel [T_i, 80] each -> CTC log-probs [B, T', C] and lengths [B]."""
         dev = self.head.weight.device
         x, lens = pad_batch([cmvn(m.to(dev).float()) for m in mels])
         h, hl = self.encoder(x, lens.to(dev))
-        return self.head(h).float().log_softmax(-1), hl
+        return self.head(h).log_softmax(-1), hl
 
     @staticmethod
     def targets(text: str) -> list[int]:

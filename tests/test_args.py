@@ -54,7 +54,7 @@ def test_plot_curves_writes_an_svg_with_every_point(tmp_path):
 
 
 def test_bf16_autocast_only_where_the_cpu_has_it(monkeypatch, tmp_path):
-    """sft_tts trains its stages under bf16 autocast by default only on a CPU with avx512_bf16:
+    """sft_tts trains its LM under bf16 autocast by default only on a CPU with avx512_bf16:
     elsewhere bf16 is emulated (27x slower a step on an AVX2-only EPYC)."""
     import builtins
 
@@ -78,7 +78,7 @@ def test_bf16_autocast_only_where_the_cpu_has_it(monkeypatch, tmp_path):
     assert common.cpu_has_bf16() is True
     import sft_tts
 
-    assert sft_tts.Args().bf16 is True  # the default follows the CPU
+    assert sft_tts.Args().lm_bf16 is True  # the default follows the CPU
     info.write_text("flags\t\t: fpu sse avx2\n")
-    assert sft_tts.Args().bf16 is False
-    assert parse_args(sft_tts.Args, ["--bf16", "true"]).bf16 is True  # and a flag overrides it
+    assert sft_tts.Args().lm_bf16 is False
+    assert parse_args(sft_tts.Args, ["--lm_bf16", "true"]).lm_bf16 is True  # and a flag overrides it

@@ -5,7 +5,6 @@ import dataclasses
 import json
 import math
 import os
-import random
 
 import numpy as np
 import pytest
@@ -177,22 +176,6 @@ def test_audio_stages_ran_beside_the_lm(world):
     assert "stage token2wav:" in log and "stage judges:" in log and "stage tts_lm" not in log
 
 
-def test_side_by_side_takes_the_other_process_threads_once_it_is_done(monkeypatch):
-    done = [False]
-    monkeypatch.setitem(sft_tts._spare, "done", lambda: done[0])
-    monkeypatch.setitem(sft_tts._spare, "threads", 2)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        sft_tts.take_spare_threads()
-        assert torch.get_num_threads() == 1  # the other process still runs
-        done[0] = True
-        sft_tts.take_spare_threads()
-        assert torch.get_num_threads() == 2 and sft_tts._spare["done"] is None  # taken, once
-    finally:
-        torch.set_num_threads(n)
-
-
 def test_a_failed_audio_stage_names_its_log(world, tmp_path):
     a = sft_tts.Args(n_tokens=32, lm_d=32, lm_layers=1, batch_size=8, judge_batch=8, max_steps=2,
                      eval_every=2, threads=2, side_by_side=True)
@@ -205,10 +188,9 @@ def test_a_failed_audio_stage_names_its_log(world, tmp_path):
     assert "no_token2mel" in open(tmp_path / "audio-stages.log").read()  # the child's traceback
 
 
-def test_bf16_trains_every_stage_under_autocast(world, tmp_path, monkeypatch):
-    """--bf16 runs each stage's training forward under CPU bf16 autocast (and only then): the
-    same seeded steps give other weights than fp32 (the TTS LM, token2wav and a recogniser
-    of the judges), the losses stay fp32, and so does the dev check."""
+def test_lm_bf16_trains_the_tts_lm_under_autocast(world, tmp_path, monkeypatch):
+    """--lm_bf16 runs the LM's training forward under CPU bf16 autocast (and only then):
+    the same seeded steps give other weights than fp32, and the dev NLL stays fp32."""
     from safetensors.torch import load_file as load
 
     splits = {n: sft_tts.load_split(os.path.join(world["world"], n, "manifest.jsonl"), sft_tts.Skips())
@@ -221,23 +203,15 @@ def test_bf16_trains_every_stage_under_autocast(world, tmp_path, monkeypatch):
         seen.append(kw.get("enabled", True))
         return real(*args, **kw)
     monkeypatch.setattr(sft_tts.torch, "autocast", spy)
-    train = list(zip(*splits["train"][::-1], strict=True))  # (log-mel, utterance) pairs
-    stages = {"tts_lm": lambda a, out: sft_tts.build_tts_lm(a, out, splits, tokens),
-              "token2mel": lambda a, out: sft_tts.build_token2wav(a, out, splits, tokens),
-              "asr": lambda a, out: sft_tts.train_ctc("asr", {"d": 32, "layers": 1, "conv_blocks": 1}, train,
-                                                      [splits["dev"][::-1]], {"steps": 3}, 1, a,
-                                                      os.path.join(out, "asr"), random.Random(0))}
-    for name, build in stages.items():
-        weights = {}
-        for bf16 in (True, False):
-            seen.clear()
-            a = sft_tts.Args(n_tokens=32, lm_d=32, lm_layers=1, t2m_d=32, t2m_blocks=1, batch_size=8,
-                             judge_batch=8, max_steps=3, eval_every=3, bf16=bf16)
-            rep = build(a, str(tmp_path / f"{name}{bf16}"))
-            assert isinstance(rep["best_dev"], float) and math.isfinite(rep["best_dev"])
-            assert seen == [bf16] * 3, name  # one autocast per training step, on only with the flag
-            weights[bf16] = load(str(tmp_path / f"{name}{bf16}" / name / "model.safetensors"))
-        assert any(not torch.equal(weights[True][k], weights[False][k]) for k in weights[True]), name
+    weights = {}
+    for bf16 in (True, False):
+        a = sft_tts.Args(n_tokens=32, lm_d=32, lm_layers=1, batch_size=8, max_steps=3, eval_every=3,
+                         lm_bf16=bf16)
+        rep = sft_tts.build_tts_lm(a, str(tmp_path / str(bf16)), splits, tokens)
+        assert isinstance(rep["best_dev"], float) and math.isfinite(rep["best_dev"])
+        weights[bf16] = load(str(tmp_path / str(bf16) / "tts_lm" / "model.safetensors"))
+    assert seen == [True] * 3 + [False] * 3  # one autocast per training step, on only with the flag
+    assert any(not torch.equal(weights[True][k], weights[False][k]) for k in weights[True])
 
 
 @pytest.mark.parametrize("stage, renamed", [("tokenizer", [True] * 4),

@@ -66,7 +66,7 @@ history: list = []
 plain = S.train_until_plateau
 
 
-def until(name, params, step_fn, dev_fn, *rest):
+def until(name, params, step_fn, dev_fn, *rest, **kw):
     """The stage's own loop, ended after the dev check at --stop_after."""
     def dev_then_stop():
         d = dev_fn()
@@ -74,7 +74,7 @@ def until(name, params, step_fn, dev_fn, *rest):
         if a.stop_after and history[-1]["step"] >= a.stop_after:
             raise Stop
         return d
-    return plain(name, params, step_fn, dev_then_stop, *rest)
+    return plain(name, params, step_fn, dev_then_stop, *rest, **kw)
 
 
 S.train_until_plateau = until

@@ -1,5 +1,5 @@
 """One training step of the toy TTS world's reward ASR and token2mel, fp32 against bf16
-autocast (what `sft_tts.py --bf16` does), at the shapes of their stages:
+autocast (what the reverted trial da061c2's `sft_tts.py --bf16` did), at their stages' shapes:
 
     python bench/stage_bf16.py --threads 1
 

@@ -187,6 +187,14 @@ def peers(utts) -> list[list[int]]:
     return [[j for j in by_spk[u.speaker] if j != i] or [i] for i, u in enumerate(utts)]
 
 
+def ctc_loss(asr: CTCRecognizer, batch: list) -> torch.Tensor:
+    """The recognisers' training loss: character CTC over (log-mel, utterance) pairs."""
+    lp, hl = asr([m for m, _ in batch])
+    ys = [torch.tensor(CTCRecognizer.targets(u.text)) for _, u in batch]
+    return F.ctc_loss(lp.transpose(0, 1), torch.cat(ys), hl, torch.tensor([len(y) for y in ys]),
+                      blank=lp.shape[-1] - 1, zero_infinity=True)
+
+
 def train_ctc(name: str, cfg: dict, data: list, dev: list, budget: dict, seed: int, a: Args,
               path: str, rng: random.Random) -> dict:
     """A character CTC recogniser on (log-mel, utterance) pairs, batches drawn with rng;
@@ -197,11 +205,7 @@ def train_ctc(name: str, cfg: dict, data: list, dev: list, budget: dict, seed: i
     asr = CTCRecognizer(cfg)
 
     def step_fn():
-        batch = rng.sample(data, a.judge_batch)
-        lp, hl = asr([m for m, _ in batch])
-        ys = [torch.tensor(CTCRecognizer.targets(u.text)) for _, u in batch]
-        return F.ctc_loss(lp.transpose(0, 1), torch.cat(ys), hl, torch.tensor([len(y) for y in ys]),
-                          blank=lp.shape[-1] - 1, zero_infinity=True)
+        return ctc_loss(asr, rng.sample(data, a.judge_batch))
 
     def dev_fn():
         return sum(corpus_error([u.text for u in us], asr.transcribe(ms), "char")["wer"]
@@ -236,6 +240,20 @@ def build_tokenizer(a, out, splits):
                   "codes_used": len({c for t in tokens["train"].values() for c in t})}
 
 
+def token2mel_loss(net: Token2Mel, batch: list) -> torch.Tensor:
+    """token2mel's training loss: L1 to the normalised real log-mel over (tokens, log-mel,
+    voice reference) triples, per mel value, on the frames both have."""
+    lens = [len(t) for t, _, _ in batch]
+    x = torch.nn.utils.rnn.pad_sequence([t for t, _, _ in batch], True)
+    y = net(x, torch.tensor(lens), torch.stack([v for _, _, v in batch]))  # [B, 4n, 80]
+    loss, n = 0.0, 0
+    for i, (_, m, _) in enumerate(batch):
+        k = min(TOKEN_HOP * lens[i], m.shape[0])
+        loss = loss + F.l1_loss(y[i, :k], (m[:k] - net.mean) / net.std, reduction="sum")
+        n += k * m.shape[1]
+    return loss / n
+
+
 def build_token2wav(a, out, splits, tokens):
     utts, mels = splits["train"]
     allm = torch.cat(mels)
@@ -254,25 +272,14 @@ def build_token2wav(a, out, splits, tokens):
     def train_batch():  # each item's voice: another utterance of its speaker, drawn afresh
         return [(t, m, voices[vrng.choice(near[i])]) for t, m, i in rng.sample(pairs, a.batch_size)]
 
-    def loss_on(batch):
-        lens = [len(t) for t, _, _ in batch]
-        x = torch.nn.utils.rnn.pad_sequence([t for t, _, _ in batch], True)
-        y = net(x, torch.tensor(lens), torch.stack([v for _, _, v in batch]))  # [B, 4n, 80]
-        loss, n = 0.0, 0
-        for i, (_, m, _) in enumerate(batch):
-            k = min(TOKEN_HOP * lens[i], m.shape[0])
-            loss = loss + F.l1_loss(y[i, :k], (m[:k] - net.mean) / net.std, reduction="sum")
-            n += k * m.shape[1]
-        return loss / n
-
     def dev_fn():
         net.eval()
         with torch.no_grad():
-            d = float(loss_on(dev))
+            d = float(token2mel_loss(net, dev))
         net.train()
         return d
 
-    return train_until_plateau("token2mel", net.parameters(), lambda: loss_on(train_batch()),
+    return train_until_plateau("token2mel", net.parameters(), lambda: token2mel_loss(net, train_batch()),
                                dev_fn, a, 2e-3, lambda: save_module(net, os.path.join(out, "token2mel")),
                                steps=a.t2m_steps)
 

@@ -3,20 +3,23 @@ autocast (what the reverted trial da061c2's `sft_tts.py --bf16` did), at their s
 
     python bench/stage_bf16.py --threads 1
 
-Random inputs of the stages' lengths (log-mels of 150-350 frames, 40-80 tokens); the
-optimizer step included. Worth it only where /proc/cpuinfo lists avx512_bf16: elsewhere
-the CPU emulates bf16 and the bf16 rows are many times slower.
+Random inputs of the stages' lengths (log-mels of 150-350 frames, 40-80 tokens) through the
+stages' own losses (`sft_tts.ctc_loss`, `sft_tts.token2mel_loss`), the optimizer step
+included. Worth it only where /proc/cpuinfo lists avx512_bf16: elsewhere the CPU emulates
+bf16 and the bf16 rows are many times slower.
 """
 import argparse
 import os
+import random
 import sys
 import time
+from types import SimpleNamespace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
+import sft_tts as S  # noqa: E402
 from common.tts import CTCRecognizer, Token2Mel  # noqa: E402
 
 p = argparse.ArgumentParser()
@@ -25,25 +28,25 @@ p.add_argument("--steps", type=int, default=5)
 args = p.parse_args()
 torch.set_num_threads(args.threads)
 torch.manual_seed(0)
+rng = random.Random(0)
+d = S.Args()
 
 asr = CTCRecognizer({"d": 144, "layers": 3, "conv_blocks": 3})  # the reward ASR's config
-mels = [torch.randn(int(torch.randint(150, 350, ())), 80) for _ in range(16)]  # --judge_batch 16
-ys = [torch.randint(0, 27, (30,)) for _ in mels]
-t2m = Token2Mel({"n_tokens": 512, "d": 192, "blocks": 6, "voice": False})  # the default token2mel
+speech = [(torch.randn(rng.randint(150, 350), 80),  # (log-mel, utterance): the judges' pairs
+           SimpleNamespace(text="".join(rng.choice("abcdefgh ") for _ in range(30))))
+          for _ in range(d.judge_batch)]
+t2m = Token2Mel({"n_tokens": d.n_tokens, "d": d.t2m_d, "blocks": d.t2m_blocks, "voice": False})
 t2m.mean, t2m.std = torch.zeros(80), torch.ones(80)
-toks = [torch.randint(0, 512, (int(torch.randint(40, 80, ())),)) for _ in range(32)]  # --batch_size 32
+toks = [torch.randint(0, d.n_tokens, (rng.randint(40, 80),)) for _ in range(d.batch_size)]
+triples = [(t, torch.randn(4 * len(t), 80), torch.zeros(160)) for t in toks]  # (tokens, mel, voice)
 
 
 def asr_loss() -> torch.Tensor:
-    lp, hl = asr(mels)
-    return F.ctc_loss(lp.transpose(0, 1), torch.cat(ys), hl, torch.tensor([len(y) for y in ys]),
-                      blank=lp.shape[-1] - 1, zero_infinity=True)
+    return S.ctc_loss(asr, speech)  # the recognisers' own loss
 
 
 def t2m_loss() -> torch.Tensor:
-    x = torch.nn.utils.rnn.pad_sequence(toks, True)
-    y = t2m(x, torch.tensor([len(t) for t in toks]), None)
-    return F.l1_loss(y.float(), torch.zeros(y.shape))
+    return S.token2mel_loss(t2m, triples)  # token2wav's own loss
 
 
 for name, net, loss_fn in (("reward ASR", asr, asr_loss), ("token2mel", t2m, t2m_loss)):

@@ -278,6 +278,30 @@ def test_world_stages_are_saved_and_each_can_be_rebuilt(world):
     assert set(tokens) == set(TINY) and len(tokens["train"]) == TINY["train"]
 
 
+def test_the_tokenizer_report_totals_the_bad_items_of_every_split(world, tmp_path, monkeypatch):
+    """A copy of the tiny corpus with four bad lines: the tokenizer stage names each, skips it,
+    tokenises the rest and totals them by reason in its report (done.json)."""
+    import shutil
+
+    corpus = shutil.copytree(world["world"], tmp_path / os.path.basename(world["world"]))
+    sf.write(corpus / "empty.wav", np.zeros(0, dtype=np.float32), 16000)
+    good = json.loads(open(corpus / "dev" / "manifest.jsonl").readline())
+    with open(corpus / "train" / "manifest.jsonl", "a") as f:
+        f.write('{"key": "cut off\n')
+        f.write(json.dumps({**good, "key": "gone", "audio": "../nowhere.wav"}) + "\n")
+        f.write(json.dumps({**good, "key": "silent", "audio": "../empty.wav"}) + "\n")
+    with open(corpus / "test-unseen" / "manifest.jsonl", "a") as f:
+        f.write(json.dumps({**good, "key": "no words", "text": "  "}) + "\n")
+    monkeypatch.setenv("SPEECHRL_CACHE", str(tmp_path))
+    monkeypatch.setattr(sft_tts, "TTS_SIZES", TINY)
+    paths = sft_tts.build_tts_world(sft_tts.Args(n_tokens=32, max_steps=20), upto="tokenizer")
+    done = json.load(open(os.path.join(os.path.dirname(paths["tokens"]), "done.json")))
+    assert done["report"]["skipped"] == {"bad audio": 1, "empty transcript": 1, "malformed JSON line": 1,
+                                         "missing audio file": 1}
+    tokens = json.load(open(paths["tokens"]))
+    assert {n: len(t) for n, t in tokens.items()} == TINY  # every good line, no bad one
+
+
 def test_two_step_smoke_changes_the_policy(world, tmp_path):
     s = g.main(_args(world, tmp_path, w_dur=0.5, w_div=0.5, w_sim=0.5))
     before = load_file(os.path.join(world["tts_lm"], "model.safetensors"))

@@ -77,8 +77,8 @@ class Args:
     # --- GRPO (SPEC §1) ---
     steps: int = 100
     """policy updates"""
-    batch_size: int = 8
-    """B: texts per step (paper: 16)"""
+    batch_size: int = 16
+    """B: texts per step (paper: 16; chosen on toy dev over 8, README)"""
     group_size: int = 8
     """G: samples per text (paper: 8)"""
     temperature: float = 1.0

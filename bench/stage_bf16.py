@@ -40,16 +40,9 @@ t2m.mean, t2m.std = torch.zeros(80), torch.ones(80)
 toks = [torch.randint(0, d.n_tokens, (rng.randint(40, 80),)) for _ in range(d.batch_size)]
 triples = [(t, torch.randn(4 * len(t), 80), torch.zeros(160)) for t in toks]  # (tokens, mel, voice)
 
-
-def asr_loss() -> torch.Tensor:
-    return S.ctc_loss(asr, speech)  # the recognisers' own loss
-
-
-def t2m_loss() -> torch.Tensor:
-    return S.token2mel_loss(t2m, triples)  # token2wav's own loss
-
-
-for name, net, loss_fn in (("reward ASR", asr, asr_loss), ("token2mel", t2m, t2m_loss)):
+stages = (("reward ASR", asr, lambda: S.ctc_loss(asr, speech)),  # the stages' own losses
+          ("token2mel", t2m, lambda: S.token2mel_loss(t2m, triples)))
+for name, net, loss_fn in stages:
     opt = torch.optim.AdamW(net.parameters(), 1e-3)
     times = {}
     for bf16 in (False, True, False, True):  # interleaved, each after a warm-up step

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -281,8 +282,6 @@ def test_world_stages_are_saved_and_each_can_be_rebuilt(world):
 def test_the_tokenizer_report_totals_the_bad_items_of_every_split(world, tmp_path, monkeypatch):
     """A copy of the tiny corpus with four bad lines: the tokenizer stage names each, skips it,
     tokenises the rest and totals them by reason in its report (done.json)."""
-    import shutil
-
     corpus = shutil.copytree(world["world"], tmp_path / os.path.basename(world["world"]))
     sf.write(corpus / "empty.wav", np.zeros(0, dtype=np.float32), 16000)
     good = json.loads(open(corpus / "dev" / "manifest.jsonl").readline())

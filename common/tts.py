@@ -428,14 +428,16 @@ class TTSLM(nn.Module):
                 y.to(dev))
 
     def output_hidden(self, net: nn.Module, prompts: list[list[int]],
-                      outputs: list[list[int]]) -> torch.Tensor:
+                      outputs: list[list[int]], rows_per_pass: int = 32) -> torch.Tensor:
         """Hidden states that predict each output token [Σ|o_i|, d] for group-major outputs
         (G = len(outputs) / len(prompts) per prompt, out-slice ids), each prompt run once
-        through `net` and shared by its G outputs (`prefix_shared_hidden`)."""
+        through `net` and shared by its G outputs, which run by length, `rows_per_pass` at a
+        time (`prefix_shared_hidden`)."""
         ids, mask, _, _, _ = self.batch(prompts)  # [B, P], left-padded
         emb = net.get_input_embeddings()(ids)  # [B, P, d]
         ids_out = [[self.offset + t for t in o] for o in outputs]  # out-slice ids -> vocabulary ids
-        return prefix_shared_hidden(net.base_model, emb, mask, ids_out, self.tokenizer.pad_token_id or 0)
+        return prefix_shared_hidden(net.base_model, emb, mask, ids_out, self.tokenizer.pad_token_id or 0,
+                                    rows_per_pass)
 
     def head(self, lm: nn.Module | None = None) -> torch.Tensor:
         """The output rows of the LM head: [K + 1, d]."""

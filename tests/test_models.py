@@ -1,5 +1,6 @@
 """Real-checkpoint loading with tiny configs, minGPT-style parity with the transformers
 classes we wrap, checkpoint round trips, and the sampler against HF generate."""
+import functools
 import os
 import shutil
 
@@ -95,11 +96,17 @@ def qwen2_audio_dir(tmp_path_factory):
     return make_tiny_qwen2_audio(str(tmp_path_factory.mktemp("hf") / "qwen2audio"), WORDS)
 
 
+@pytest.mark.parametrize("rows_per_pass", [32, 2])  # 2: three passes, rows out of order
 @pytest.mark.parametrize("kind", ["toy", "qwen2audio"])
-def test_prefix_sharing_equals_whole_sequences(kind, qwen2_audio_dir):
+def test_prefix_sharing_equals_whole_sequences(kind, rows_per_pass, qwen2_audio_dir, monkeypatch):
     """output_hidden (each utterance's [prefix][audio][prompt] run once, its keys/values shared
-    by its G samples) gives the hidden states and LM gradients of running every sequence whole
-    (build_inputs), within fp32 rounding of a different summation order."""
+    by its G samples; the samples run by length, `rows_per_pass` at a time) gives the hidden
+    states and LM gradients of running every sequence whole (build_inputs), within fp32
+    rounding of a different summation order."""
+    import common.models
+
+    monkeypatch.setattr(common.models, "prefix_shared_hidden",
+                        functools.partial(common.models.prefix_shared_hidden, rows_per_pass=rows_per_pass))
     torch.manual_seed(0)
     if kind == "toy":
         model = build_toy_asr(WORDS, d_enc=16, enc_layers=1, d_lm=16, lm_layers=2).eval()

@@ -173,10 +173,12 @@ def _whole_sequence_hidden(lm, prompts, outs, G):
     return hid.flatten(0, 1)[pred]
 
 
+@pytest.mark.parametrize("rows_per_pass", [32, 2])  # 2: three passes, rows out of order
 @pytest.mark.parametrize("out_lens", [(1, 4, 6, 2, 5, 3), (1, 1, 1, 1, 1, 1)])  # the second: no output inputs
-def test_prefix_sharing_equals_whole_sequences(out_lens):
-    """output_hidden (each prompt run once, its keys/values shared by its G outputs) gives the
-    hidden states and the parameter gradients of running every sequence whole. Tolerance:
+def test_prefix_sharing_equals_whole_sequences(out_lens, rows_per_pass):
+    """output_hidden (each prompt run once, its keys/values shared by its G outputs; the
+    outputs run by length, `rows_per_pass` at a time) gives the hidden states and the
+    parameter gradients of running every sequence whole. Tolerance:
     fp32 rounding of a different summation order (Qwen2's RMSNorm computes in fp32 even for
     fp64 inputs, so fp64 does not tighten it); the plain path batched two ways differs by as
     much."""
@@ -188,7 +190,7 @@ def test_prefix_sharing_equals_whole_sequences(out_lens):
     outs = [[(i * 3 + t) % 10 for t in range(n - 1)] + [10] for i, n in enumerate(out_lens)]  # eos last
     w = torch.randn(sum(out_lens), 32)  # a fixed random loss on the hidden states
     params = [q for q in lm.parameters() if q.requires_grad]
-    got = lm.output_hidden(lm.lm, prompts, outs)
+    got = lm.output_hidden(lm.lm, prompts, outs, rows_per_pass)
     want = _whole_sequence_hidden(lm, prompts, outs, G)
     assert got.shape == want.shape == (sum(out_lens), 32)
     torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)

@@ -184,7 +184,8 @@ def prefix_shared_hidden(base: nn.Module, p_emb: torch.Tensor, p_mask: torch.Ten
     (prefix sharing): the same numbers as running every prompt + output sequence whole, with
     B instead of B*G prompt passes in the forward and in the backward. In GRPO the prompt
     (audio, or text + prompt speech) is longer than the outputs, so this is most of the
-    update's work. `outputs` are token ids; all but each one's last are also inputs."""
+    update's work. `outputs` are token ids; all but each one's last are also inputs; they run
+    by length, `rows_per_pass` at a time (the result does not depend on it)."""
     B, G = p_emb.shape[0], len(outputs) // p_emb.shape[0]
     if G * B != len(outputs):
         raise ValueError(f"{len(outputs)} outputs are not a whole number of groups of {B} prompts")

@@ -313,13 +313,15 @@ class SpeechLLM(nn.Module):
         return x, mask, pos, (torch.cat(pred_pos) if targets is not None else None)
 
     def output_hidden(self, audio: torch.Tensor, audio_lens: torch.Tensor, outputs: list[list[int]],
-                      lm: nn.Module | None = None) -> torch.Tensor:
+                      lm: nn.Module | None = None, rows_per_pass: int = 32) -> torch.Tensor:
         """Hidden states that predict each output token [Σ|o_i|, d] for G outputs per
         utterance (group-major), each utterance's [prefix][audio][prompt] run once through
-        `lm` (default: self.lm) and shared by its G outputs (`prefix_shared_hidden`)."""
+        `lm` (default: self.lm) and shared by its G outputs, which run by length,
+        `rows_per_pass` at a time (`prefix_shared_hidden`)."""
         lm = lm or self.lm
         emb, mask, _, _ = self.build_inputs(audio, audio_lens, lm=lm)  # [B, P, d]
-        return prefix_shared_hidden(lm.base_model, emb, mask, outputs, self.tokenizer.pad_token_id or 0)
+        return prefix_shared_hidden(lm.base_model, emb, mask, outputs, self.tokenizer.pad_token_id or 0,
+                                    rows_per_pass)
 
     def hidden(self, inputs_embeds, attention_mask, position_ids) -> torch.Tensor:
         """Final hidden states of the LM [B, L, d] (the LM head is applied by the caller)."""

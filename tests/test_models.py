@@ -1,6 +1,5 @@
 """Real-checkpoint loading with tiny configs, minGPT-style parity with the transformers
 classes we wrap, checkpoint round trips, and the sampler against HF generate."""
-import functools
 import os
 import shutil
 
@@ -98,15 +97,11 @@ def qwen2_audio_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("rows_per_pass", [32, 2])  # 2: three passes, rows out of order
 @pytest.mark.parametrize("kind", ["toy", "qwen2audio"])
-def test_prefix_sharing_equals_whole_sequences(kind, rows_per_pass, qwen2_audio_dir, monkeypatch):
+def test_prefix_sharing_equals_whole_sequences(kind, rows_per_pass, qwen2_audio_dir):
     """output_hidden (each utterance's [prefix][audio][prompt] run once, its keys/values shared
     by its G samples; the samples run by length, `rows_per_pass` at a time) gives the hidden
     states and LM gradients of running every sequence whole (build_inputs), within fp32
     rounding of a different summation order."""
-    import common.models
-
-    monkeypatch.setattr(common.models, "prefix_shared_hidden",
-                        functools.partial(common.models.prefix_shared_hidden, rows_per_pass=rows_per_pass))
     torch.manual_seed(0)
     if kind == "toy":
         model = build_toy_asr(WORDS, d_enc=16, enc_layers=1, d_lm=16, lm_layers=2).eval()
@@ -118,7 +113,7 @@ def test_prefix_sharing_equals_whole_sequences(kind, rows_per_pass, qwen2_audio_
     outs = [[5, 6, eos], [7, eos], [eos], [6, 6, 5, eos], [5, eos], [7, 5, eos]]  # group-major, 2 x 3
     emb, mask, pos, pred = model.build_inputs(audio.repeat_interleave(G, 0), lens.repeat_interleave(G), outs)
     want = model.hidden(emb, mask, pos).flatten(0, 1)[pred]  # [Σ|o_i|, d]
-    got = model.output_hidden(audio, lens, outs)
+    got = model.output_hidden(audio, lens, outs, rows_per_pass=rows_per_pass)
     torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
     w = torch.randn_like(want)
     params = [p for p in model.lm.parameters() if p.requires_grad]

@@ -666,16 +666,18 @@ def sample(lm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Ten
     With `static_cache` (and a model `static_cache_decoder` accepts) the keys and values of
     all P + max_new_tokens positions live in one pre-allocated buffer per layer, written in
     place; otherwise the model's own forward and growing cache are used (the reference the
-    tests compare against). `cuda_graph` (static cache only) replays each decode step, the
-    pick included, as a CUDA graph (`_graph_step`), and checks whether every row has ended
-    only every 8 steps (the check waits for the GPU); `compiled` also compiles that step,
-    the cache rounded up to a multiple of 64 slots so that prompts of similar lengths share
-    one compiled step. In one call on an H100 both draw the same tokens as the eager step in
-    fp32 (under bf16 the compiled step rounds differently; and the steps run past the last
-    eos draw noise too, so a generator shared across calls drifts apart from the eager
-    path's), and at Qwen2.5-0.5B they decode 6.2x and 10.8x faster than HF generate
-    (BENCHMARKS.md). Elsewhere the same fixed-shape step runs
-    eagerly, with no graph (what the CPU tests check); the scripts turn it on only on CUDA.
+    tests compare against). Off the graph, the static-cache step drops the rows that have
+    ended (once a quarter of those it computes have); each row still draws its own noise, so
+    the draws are those of all rows run to the end. `cuda_graph` (static cache only) replays
+    each decode step, the pick included, as a CUDA graph (`_graph_step`), and checks whether
+    every row has ended only every 8 steps (the check waits for the GPU); `compiled` also
+    compiles that step, the cache rounded up to a multiple of 64 slots so that prompts of
+    similar lengths share one compiled step. In one call on an H100 both draw the same tokens
+    as the eager step in fp32 (under bf16 the compiled step rounds differently; and the steps
+    run past the last eos draw noise too, so a generator shared across calls drifts apart from
+    the eager path's), and at Qwen2.5-0.5B they decode 6.2x and 10.8x faster than HF generate
+    (BENCHMARKS.md). Elsewhere the same fixed-shape step runs eagerly, with no graph (what the
+    CPU tests check); the scripts turn it on only on CUDA.
 
     Returns tokens [N, L] (pad after eos), lengths [N] (eos included; max_new_tokens if
     no eos came), and the sampled tokens' log-probs [N, L] (0 where padded)."""
@@ -723,6 +725,7 @@ def sample(lm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Ten
     lengths = torch.full((n,), max_new_tokens, dtype=torch.long, device=dev)
     # steps between the done-checks; 1 off the graph, so that seeded CPU runs draw as they always did
     every = 8 if use_graph else 1
+    live = torch.arange(n, device=dev)  # the rows the eager static-cache step still computes
     tok, lp = _pick(logits, temperature, top_k, top_p, generator)  # the first token, from the prefill
     for t in range(max_new_tokens):
         tok = (tok + lo).masked_fill(done, pad_id)
@@ -734,16 +737,28 @@ def sample(lm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Ten
             break
         if use_graph:
             tok, lp = step(tok, next_pos, p + t)  # [N], [N]
+        elif m is not None:
+            # Rows that have ended stop being computed: once a quarter of the live rows have
+            # ended, they leave the cache (a copy, so not at every step; the longest output is
+            # often 2-3x the mean). The noise is still drawn for all N rows and each live row
+            # takes its own, so every row draws what it would have drawn.
+            ended = done[live]  # [N_live]
+            if 4 * int(ended.sum()) >= live.numel():
+                keep = (~ended).nonzero().squeeze(1)  # [N_live']
+                live, cache = live[keep], [(k[keep], v[keep]) for k, v in cache]
+            x = m.embed_tokens(tok[live, None])  # [N_live, 1, d]
+            see = real[live, None, : p + t + 1]  # [N_live, 1, P + t + 1]
+            h = _decode(m, x, next_pos[live], cache, p + t, see)[:, -1]  # [N_live, d]
+            noise = (torch.empty(n, w.shape[0], device=dev).exponential_(generator=generator)[live]
+                     if temperature > 0 else None)  # [N_live, V']: what _pick would draw for N rows
+            picked, picked_lp = _pick(F.linear(h.to(w.dtype), w, b), temperature, top_k, top_p, None, noise)
+            tok = tok.new_zeros(n).index_copy_(0, live, picked)  # [N]; ended rows are padded above
+            lp = lp.new_zeros(n).index_copy_(0, live, picked_lp)  # [N]
         else:
-            if m is not None:
-                x = m.embed_tokens(tok[:, None])  # [N, 1, d]
-                h = _decode(m, x, next_pos, cache, p + t, real[:, None, : p + t + 1])[:, -1]  # [N, d]
-                logits = F.linear(h.to(w.dtype), w, b)  # [N, V']
-            else:
-                attention_mask = torch.cat([attention_mask, attention_mask.new_ones(n, 1)], 1)
-                out = lm(input_ids=tok[:, None], attention_mask=attention_mask, position_ids=next_pos,
-                         use_cache=True, **{cache_kw: cache})
-                cache, logits = getattr(out, cache_kw), out.logits[:, -1, lo:hi]
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(n, 1)], 1)
+            out = lm(input_ids=tok[:, None], attention_mask=attention_mask, position_ids=next_pos,
+                     use_cache=True, **{cache_kw: cache})
+            cache, logits = getattr(out, cache_kw), out.logits[:, -1, lo:hi]
             tok, lp = _pick(logits, temperature, top_k, top_p, generator)
         next_pos = next_pos + 1
     logps = torch.stack(logps, 1)  # [N, L]; 0 past a row's eos

@@ -259,6 +259,28 @@ def test_static_cache_equals_the_models_own_cache_when_sampling():
     torch.testing.assert_close(p1, p2, rtol=1e-5, atol=1e-5)
 
 
+def test_ended_rows_leave_the_static_cache_and_the_draws_hold():
+    """Once a quarter of the live rows have ended, the static-cache step stops computing
+    them; every row still takes its own noise, so the draws equal the model's own cache
+    (which computes all rows to the end), also with GRPO's groups."""
+    from torch.nn.modules.module import register_module_forward_hook
+
+    rows: list[int] = []
+    hook = register_module_forward_hook(
+        lambda mod, args, out: rows.append(args[0].shape[0]) if isinstance(mod, torch.nn.Embedding) else None)
+    try:
+        t1, l1, p1 = _draws(group=4, shared=True)
+    finally:
+        hook.remove()
+    (t2, l2, p2) = _draws(group=4, shared=True, static_cache=False)
+    assert t1.tolist() == t2.tolist() and l1.tolist() == l2.tolist()
+    torch.testing.assert_close(p1, p2, rtol=1e-5, atol=1e-5)
+    steps = rows  # the rows of each decode step (the prefill takes embeddings)
+    assert steps[0] == 16 and min(steps) < 16 and steps == sorted(steps, reverse=True)
+    # decode step t computes token t + 1: every row longer than that is among those computed
+    assert all(k >= int((l1 > t + 1).sum()) for t, k in enumerate(steps))
+
+
 @pytest.mark.parametrize("autocast", [False, True])
 def test_fixed_shape_decode_step_equals_the_static_cache(autocast):
     """The CUDA-graph step (`cuda_graph=True`; on CPU the same fixed-shape step runs

@@ -90,6 +90,22 @@ def test_token2mel_reads_the_voice_reference(tmp_path):
     assert torch.equal(load_module(str(tmp_path / "t2m")).mel(toks, [a, b])[1], yb[1])
 
 
+def test_token2mel_runs_by_length_and_keeps_the_order():
+    """mel() runs the items by length, a few a batch: each output comes back in the caller's
+    order, with its own voice, as one batch of all of them gives it."""
+    torch.manual_seed(0)
+    net = Token2Mel({"n_tokens": 16, "d": 32, "blocks": 2, "voice": True}).eval()
+    toks = [torch.randint(16, (n,)) for n in (9, 3, 14, 5, 11)]
+    voices = [torch.randn(20 + 7 * i, 80) + i for i in range(5)]
+    by_length, one_batch = net.mel(toks, voices, batch_size=2), net.mel(toks, voices, batch_size=5)
+    assert [m.shape[0] for m in by_length] == [4 * len(t) for t in toks]
+    for x, y in zip(by_length, one_batch, strict=True):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+    alone = net.mel(toks[2:3], voices[2:3])[0]
+    torch.testing.assert_close(by_length[2], alone, atol=1e-5, rtol=1e-5)
+    assert net.mel([], []) == []
+
+
 def test_token2wav_shapes_and_determinism(tmp_path):
     torch.manual_seed(0)
     net = Token2Mel({"n_tokens": 16, "d": 32, "blocks": 2}).eval()

@@ -5,6 +5,7 @@ process at all of them when a second thread gains little).
     python bench/tts_lm_threads.py --threads 2
     python bench/tts_lm_threads.py --threads 1
     python bench/tts_lm_threads.py --threads 1 & python bench/tts_lm_threads.py --threads 1   # side by side
+    python bench/tts_lm_threads.py --threads 2 --bf16 false   # fp32 (default: bf16 where sft_tts.py uses it)
 
 It builds (or finds) the toy TTS world's tokenizer, then times 40 training steps (after 5
 warm-up steps) of a fresh LM on length-bucketed batches, as the LM stage trains: the output
@@ -29,9 +30,13 @@ from common.tts import build_toy_tts  # noqa: E402
 p = argparse.ArgumentParser()
 p.add_argument("--threads", type=int, default=1)
 p.add_argument("--steps", type=int, default=40)
+p.add_argument("--bf16", choices=["auto", "true", "false"], default="auto",
+               help="bf16 autocast: auto = as sft_tts.py decides (on where the CPU has avx512_bf16)")
 args = p.parse_args()
 torch.set_num_threads(args.threads)
 a = S.Args()
+if args.bf16 != "auto":
+    a.lm_bf16 = args.bf16 == "true"
 w = S.build_tts_world(a, upto="tokenizer")
 with open(w["tokens"]) as f:
     tokens = json.load(f)

@@ -9,8 +9,9 @@ seed per trial) with `grpo_tts.synthesize`, then runs the step's judges: token2m
 every output (`judge_mels`) and the reward ASR's greedy CTC (`transcribe`). Beside them,
 token2mel at one batch of all outputs padded to the longest (the way before it ran by
 length) and the reward ASR at 64, 32 and 16 a batch. The outputs' hash and the transcripts'
-hash are printed, so runs at two commits can be checked to draw and hear the same. Needs the
-toy TTS world (`python grpo_tts.py` builds it; set SPEECHRL_CACHE to read another cache).
+hash are printed, so runs at two commits can be checked to draw and hear the same. It reads
+the cached toy TTS world, and builds it first if it is missing (over an hour on 2 cores; set
+SPEECHRL_CACHE to read another cache).
 One JSON line per trial.
 """
 from __future__ import annotations

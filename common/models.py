@@ -666,9 +666,10 @@ def sample(lm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Ten
     With `static_cache` (and a model `static_cache_decoder` accepts) the keys and values of
     all P + max_new_tokens positions live in one pre-allocated buffer per layer, written in
     place; otherwise the model's own forward and growing cache are used (the reference the
-    tests compare against). Off the graph, the static-cache step drops the rows that have
-    ended (once a quarter of those it computes have); each row still draws its own noise, so
-    the draws are those of all rows run to the end. `cuda_graph` (static cache only) replays
+    tests compare against). Without `cuda_graph`, the static-cache step drops the rows that
+    have ended (once a quarter of those it computes have); each row still draws its own noise,
+    so its tokens are those of all rows run to the end wherever a matmul over fewer rows
+    rounds the same (bit for bit on the CPUs tested). `cuda_graph` (static cache only) replays
     each decode step, the pick included, as a CUDA graph (`_graph_step`), and checks whether
     every row has ended only every 8 steps (the check waits for the GPU); `compiled` also
     compiles that step, the cache rounded up to a multiple of 64 slots so that prompts of
@@ -749,7 +750,8 @@ def sample(lm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Ten
             x = m.embed_tokens(tok[live, None])  # [N_live, 1, d]
             see = real[live, None, : p + t + 1]  # [N_live, 1, P + t + 1]
             h = _decode(m, x, next_pos[live], cache, p + t, see)[:, -1]  # [N_live, d]
-            noise = (torch.empty(n, w.shape[0], device=dev).exponential_(generator=generator)[live]
+            noise = (torch.empty(n, w.shape[0], dtype=torch.float32, device=dev)
+                     .exponential_(generator=generator)[live]
                      if temperature > 0 else None)  # [N_live, V']: what _pick would draw for N rows
             picked, picked_lp = _pick(F.linear(h.to(w.dtype), w, b), temperature, top_k, top_p, None, noise)
             tok = tok.new_zeros(n).index_copy_(0, live, picked)  # [N]; ended rows are padded above

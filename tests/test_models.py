@@ -272,13 +272,13 @@ def test_ended_rows_leave_the_static_cache_and_the_draws_hold():
         t1, l1, p1 = _draws(group=4, shared=True)
     finally:
         hook.remove()
-    (t2, l2, p2) = _draws(group=4, shared=True, static_cache=False)
+    t2, l2, p2 = _draws(group=4, shared=True, static_cache=False)
     assert t1.tolist() == t2.tolist() and l1.tolist() == l2.tolist()
     torch.testing.assert_close(p1, p2, rtol=1e-5, atol=1e-5)
-    steps = rows  # the rows of each decode step (the prefill takes embeddings)
-    assert steps[0] == 16 and min(steps) < 16 and steps == sorted(steps, reverse=True)
+    # rows: the rows of each decode step (the prefill takes embeddings, not token ids)
+    assert rows[0] == 16 and min(rows) < 16 and rows == sorted(rows, reverse=True)
     # decode step t computes token t + 1: every row longer than that is among those computed
-    assert all(k >= int((l1 > t + 1).sum()) for t, k in enumerate(steps))
+    assert all(k >= int((l1 > t + 1).sum()) for t, k in enumerate(rows))
 
 
 @pytest.mark.parametrize("autocast", [False, True])

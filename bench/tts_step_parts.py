@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import grpo_tts as g  # noqa: E402
 from common.data import Skips  # noqa: E402
-from common.tts import TOKEN_HOP, conditions, load_judge, load_module, pad_batch  # noqa: E402
+from common.tts import conditions, load_judge, load_module  # noqa: E402
 from sft_tts import build_tts_world  # noqa: E402
 
 
@@ -37,14 +37,6 @@ def timed(fn, *args, **kw):
     t0 = time.perf_counter()
     out = fn(*args, **kw)
     return out, round(time.perf_counter() - t0, 3)
-
-
-def one_batch_mel(t2m, tokens: list[torch.Tensor], voices: list[torch.Tensor]) -> list[torch.Tensor]:
-    """token2mel over all outputs at once, padded to the longest."""
-    x, lens = pad_batch(tokens)
-    v = torch.stack([t2m.voice_of(m) for m in voices]) if t2m.voice is not None else None
-    y = t2m(x, lens, v) * t2m.std + t2m.mean
-    return [y[i, : TOKEN_HOP * int(n)] for i, n in enumerate(lens)]
 
 
 def main() -> None:
@@ -67,8 +59,7 @@ def main() -> None:
         mels, t_mel = timed(g.judge_mels, t2m, outs, lm.n_speech, voices)
         have = [i for i, m in enumerate(mels) if m is not None]
         speech = [g.speech_of(outs[i], lm.n_speech) for i in have]
-        with torch.no_grad():
-            ref, t_mel_one = timed(one_batch_mel, t2m, speech, [voices[i] for i in have])
+        ref, t_mel_one = timed(t2m.mel, speech, [voices[i] for i in have], batch_size=len(speech))
         diff = max(float((mels[i] - r).abs().max()) for i, r in zip(have, ref, strict=True))
         hyps, t_asr = timed(g.transcribe, asr, mels, False)
         r = {"trial": trial, "sample_s": t_sample, "token2mel_s": t_mel, "token2mel_one_batch_s": t_mel_one,

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from common.audio import log_mel
+from common.data import length_batches
 
 CONFIG_NAME = "speechllm.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -199,10 +200,8 @@ def prefix_shared_hidden(base: nn.Module, p_emb: torch.Tensor, p_mask: torch.Ten
     # spread widely (a longest of 2.8x the mean in the toy TTS), so the rows run by length,
     # in passes of `rows_per_pass`, each padded to its own longest: about the real tokens'
     # work instead of N x the batch's longest.
-    order = sorted(range(len(outputs)), key=lambda i: len(outputs[i]))
     rows: list[torch.Tensor] = [first[0, :0]] * len(outputs)  # each row's [|o_i|, d]
-    for s in range(0, len(order), rows_per_pass):
-        part = order[s : s + rows_per_pass]
+    for part in length_batches([len(o) for o in outputs], rows_per_pass, shuffle=False):
         grp = torch.tensor([i // G for i in part], device=dev)  # each row's prompt
         h = first[grp][:, None]  # [n, 1, d]
         L = max(len(outputs[i]) for i in part) - 1  # output tokens that are also inputs: o[:-1]

@@ -32,7 +32,7 @@ import torchaudio.transforms as AT
 from safetensors.torch import load_file
 
 from common.audio import HOP, N_FFT, N_MELS, SR, load_audio, log_mel
-from common.data import Skips, Utt, read_data
+from common.data import Skips, Utt, length_batches, read_data
 from common.models import (
     WEIGHTS_NAME,
     ConvBlock,
@@ -221,10 +221,8 @@ class Token2Mel(nn.Module):
         outputs vary about 3x in length)."""
         if self.voice is not None and voices and len(voices) != len(tokens):
             raise ValueError(f"{len(tokens)} token sequences but {len(voices)} voice references")
-        order = sorted(range(len(tokens)), key=lambda i: len(tokens[i]))
         out: list[torch.Tensor] = [torch.empty(0)] * len(tokens)
-        for s in range(0, len(order), batch_size):
-            idx = order[s : s + batch_size]
+        for idx in length_batches([len(t) for t in tokens], batch_size, shuffle=False):
             x, lens = pad_batch([tokens[i].to(self.mean.device) for i in idx])
             v = (torch.stack([self.voice_of(voices[i]) for i in idx])
                  if self.voice is not None and voices else None)

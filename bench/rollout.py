@@ -15,8 +15,9 @@ loop on the model's own forward and growing cache (`static_cache=False`), to sho
 static cache changes. On CUDA a fourth ("graph") replays each decode step, pick included,
 as a CUDA graph (`cuda_graph=True`), and a fifth ("compiled") compiles that step with
 inductor before capturing it (`compiled=True`; the warm-up call pays the compilation). Per
-decode step they are set beside the weight-read roofline (every weight read once at the
-H100's 3.35 TB/s). The last line is one JSON object.
+decode step they are set beside the weight-read roofline: every weight read once at the
+GPU's memory bandwidth (the spec sheet's, from `HBM_TBS` by the device's name, or
+`--tbs`). The last line is one JSON object.
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ SHAPES = {
     "qwen2.5-0.5b": dict(vocab_size=151_936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                          num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True),
 }
+HBM_TBS = {"H100": 3.35, "H200": 4.8, "A100": 2.0}  # spec-sheet memory bandwidth, TB/s (SXM)
 
 
 def timed(fn, device: str, reps: int) -> float:
@@ -53,7 +55,7 @@ def timed(fn, device: str, reps: int) -> float:
 
 
 def bench(name: str, b: int, prompt: int, new: int, device: str, dtype: torch.dtype, reps: int,
-          g: int = 1) -> dict:
+          g: int, tbs: float) -> dict:
     torch.manual_seed(0)
     lm = Qwen2ForCausalLM(Qwen2Config(**SHAPES[name])).to(device, dtype).eval()
     d = lm.config.hidden_size
@@ -85,13 +87,14 @@ def bench(name: str, b: int, prompt: int, new: int, device: str, dtype: torch.dt
         t_comp = timed(ours_compiled, device, reps) if device == "cuda" else None
         t_hf = timed(hf, device, reps)
     toks = b * new
-    roofline_ms = 1e3 * sum(t.numel() * t.element_size() for t in lm.parameters()) / 3.35e12
+    roofline_ms = 1e3 * sum(t.numel() * t.element_size() for t in lm.parameters()) / (tbs * 1e12)
     graph = {} if t_graph is None else {
         "graph_s": round(t_graph, 4), "graph_tok_s": round(toks / t_graph, 1),
         "graph_step_ms": round(1e3 * t_graph / new, 3), "hf_step_ms": round(1e3 * t_hf / new, 3),
         "speedup_graph": round(t_hf / t_graph, 3), "compiled_s": round(t_comp, 4),
         "compiled_tok_s": round(toks / t_comp, 1), "compiled_step_ms": round(1e3 * t_comp / new, 3),
-        "speedup_compiled": round(t_hf / t_comp, 3), "roofline_step_ms": round(roofline_ms, 3),
+        "speedup_compiled": round(t_hf / t_comp, 3), "roofline_tbs": tbs,
+        "roofline_step_ms": round(roofline_ms, 3),
         "compiled_over_roofline": round(1e3 * t_comp / new / roofline_ms, 2)}
     return {**graph, "shape": name, "b": b, "g": g, "prompt": prompt, "new": new, "ours_s": round(t_ours, 4),
             "dynamic_s": round(t_dyn, 4), "hf_s": round(t_hf, 4), "tok_s": round(toks / t_ours, 1),
@@ -105,16 +108,22 @@ def main() -> None:
     p.add_argument("--new", type=int, default=0, help="new tokens per sequence (0 = by device)")
     p.add_argument("--reps", type=int, default=0, help="timed repetitions (0 = by device)")
     p.add_argument("--g", type=int, default=8, help="samples per prompt (GRPO's G; B / G prompts)")
+    p.add_argument("--tbs", type=float, default=0.0,
+                   help="memory bandwidth for the roofline, TB/s (0 = the spec sheet's, by the GPU's name)")
     a = p.parse_args()
     device = "cuda" if torch.cuda.is_available() and not a.quick else "cpu"
+    name = torch.cuda.get_device_name() if device == "cuda" else ""
+    tbs = a.tbs or next((v for k, v in HBM_TBS.items() if k in name), 0.0)
+    if device == "cuda" and not tbs:
+        p.error(f"no memory bandwidth known for {name}: pass --tbs")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if device == "cuda":
         runs = [("tts", 128, 64, a.new or 256), ("qwen2.5-0.5b", 128, 64, a.new or 256)]
     else:
         runs = [("tts", 64, 32, a.new or 48), ("qwen2.5-0.5b", 8, 32, a.new or 24)]
     reps = a.reps or (3 if device == "cuda" else 2)
-    rows = [bench(n, b, pr, nw, device, dtype, reps, a.g) for n, b, pr, nw in runs]
-    where = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    rows = [bench(n, b, pr, nw, device, dtype, reps, a.g, tbs) for n, b, pr, nw in runs]
+    where = name or f"CPU ({torch.get_num_threads()} threads)"
     print(f"rollout, sampling T=1, {dtype} on {where}, G = {a.g} samples per prompt")
     print(f"{'shape':14s} {'B':>4s} {'prompt':>6s} {'new':>4s} {'ours s':>8s} {'dyn. s':>8s} {'HF s':>8s} "
           f"{'ours tok/s':>11s} {'HF tok/s':>9s} {'speedup':>8s}")
@@ -130,7 +139,8 @@ def main() -> None:
             print(f"{r['shape']:14s} compiled + graph: {r['compiled_s']:.3f} s, "
                   f"{r['compiled_tok_s']:.1f} tok/s, "
                   f"{r['compiled_step_ms']:.2f} ms a step, speedup {r['speedup_compiled']:.3f}, "
-                  f"{r['compiled_over_roofline']:.1f}x the roofline ({r['roofline_step_ms']:.3f} ms)")
+                  f"{r['compiled_over_roofline']:.1f}x the roofline "
+                  f"({r['roofline_step_ms']:.3f} ms at {tbs} TB/s)")
     main_row = rows[-1]
     print(json.dumps({"device": where, "speedup": main_row["speedup"], "tok_s": main_row["tok_s"],
                       "speedup_compiled": main_row.get("speedup_compiled"),

@@ -89,8 +89,8 @@ class Args:
     """TTS LM layers"""
     lm_lr: float = 1e-3
     """TTS LM peak learning rate"""
-    lm_minutes: float = 35.0
-    """TTS LM budget; it stops earlier when dev NLL stops improving"""
+    lm_steps: int = 4700
+    """TTS LM steps, its cosine's length (the same LM on any CPU); stops earlier when dev NLL stalls"""
     lm_prompt_loss: float = 1.0
     """SFT loss weight on the prompt's speech tokens (CosyVoice 2 learns them all; 0 = outputs only)"""
     lm_bf16: bool = field(default_factory=cpu_has_bf16)
@@ -123,7 +123,7 @@ def cached(a: Args, world: str, stage: str) -> str:
     upto = NEEDS[stage]
     keys = {"tokenizer": ["n_tokens"], "token2wav": ["t2m_d", "t2m_blocks", "t2m_steps"],
             "judges": ["judge_steps", "judge_batch", "spk_steps"],
-            "tts_lm": ["lm_d", "lm_layers", "lm_lr", "lm_minutes", "lm_bf16", "patience"]}
+            "tts_lm": ["lm_d", "lm_layers", "lm_lr", "lm_steps", "lm_bf16", "patience"]}
     cfg = {k: getattr(a, k) for s in upto for k in keys[s]} | {"seed": a.seed, "bs": a.batch_size,
                                                                "every": a.eval_every}
     if a.max_steps:
@@ -404,7 +404,7 @@ def build_tts_lm(a, out, splits, tokens):
 
     lm.train()
     return train_until_plateau("tts_lm", lm.parameters(), step_fn, dev_fn, a, a.lm_lr,
-                               lambda: save_module(lm, os.path.join(out, "tts_lm")), minutes=a.lm_minutes)
+                               lambda: save_module(lm, os.path.join(out, "tts_lm")), steps=a.lm_steps)
 
 
 # ------------------------------------------------------------------ driver

@@ -4,8 +4,8 @@ prints seconds per step and the dev NLL curve. It skips token2wav and the judges
 audio: the LM reads only the token cache), so it answers "how fast does the TTS LM learn"
 in minutes instead of the full build's.
 
-    python bench/tts_lm_probe.py --lm_minutes 8                 # 8 minutes of TTS LM training
-    python bench/tts_lm_probe.py --lm_minutes 8 --tokens semantic
+    python bench/tts_lm_probe.py --lm_steps 1000                # 1,000 steps of TTS LM training
+    python bench/tts_lm_probe.py --lm_steps 1000 --tokens semantic
     # learning-rate / loss trials at equal steps (the cosine runs over --max_steps, as the
     # default build's 35-45 minutes do over about 2,400 steps); --stop_after ends the probe early
     python bench/tts_lm_probe.py --threads 1 --max_steps 2370 --stop_after 600 --lm_lr 3e-3

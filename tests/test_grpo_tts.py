@@ -215,6 +215,20 @@ def test_lm_bf16_trains_the_tts_lm_under_autocast(world, tmp_path, monkeypatch):
     assert any(not torch.equal(weights[True][k], weights[False][k]) for k in weights[True])
 
 
+def test_the_tts_lm_trains_for_its_step_budget_whatever_the_clock(world, tmp_path, monkeypatch):
+    """The TTS LM's budget and cosine are in steps (--lm_steps), not minutes: a clock that
+    jumps an hour per reading (a very slow CPU) still gets every step of the budget."""
+    splits = {n: sft_tts.load_split(os.path.join(world["world"], n, "manifest.jsonl"), sft_tts.Skips())
+              for n in ("train", "dev")}
+    tokens = json.load(open(world["tokens"]))
+    clock = iter(range(0, 10**9, 3600))
+    monkeypatch.setattr(sft_tts.time, "time", lambda: float(next(clock)))
+    a = sft_tts.Args(n_tokens=32, lm_d=32, lm_layers=1, batch_size=8, lm_steps=5, eval_every=2, patience=99)
+    rep = sft_tts.build_tts_lm(a, str(tmp_path), splits, tokens)
+    assert rep["steps"] == 5 and rep["stopped"] == "budget"
+    assert [h["step"] for h in rep["history"]] == [2, 4, 5]
+
+
 @pytest.mark.parametrize("stage, renamed", [("tokenizer", [True] * 4),
                                             ("token2wav", [False, True, True, False]),
                                             ("judges", [False, False, True, False]),

@@ -259,25 +259,54 @@ def test_static_cache_equals_the_models_own_cache_when_sampling():
     torch.testing.assert_close(p1, p2, rtol=1e-5, atol=1e-5)
 
 
-def test_ended_rows_leave_the_static_cache_and_the_draws_hold():
-    """Once a quarter of the live rows have ended, the static-cache step stops computing
-    them; every row still takes its own noise, so the draws equal the model's own cache
-    (which computes all rows to the end), also with GRPO's groups."""
+def _rows_per_step(fn):
+    """fn()'s result and the rows each of its decode steps computed (the embedding's input:
+    the prefill takes embeddings, not token ids, so it is not counted)."""
     from torch.nn.modules.module import register_module_forward_hook
 
     rows: list[int] = []
     hook = register_module_forward_hook(
         lambda mod, args, out: rows.append(args[0].shape[0]) if isinstance(mod, torch.nn.Embedding) else None)
     try:
-        t1, l1, p1 = _draws(group=4, shared=True)
+        return fn(), rows
     finally:
         hook.remove()
+
+
+def test_ended_rows_leave_the_static_cache_and_the_draws_hold():
+    """Once a quarter of the live rows have ended, the static-cache step stops computing
+    them; every row still takes its own noise, so the draws equal the model's own cache
+    (which computes all rows to the end), also with GRPO's groups."""
+    (t1, l1, p1), rows = _rows_per_step(lambda: _draws(group=4, shared=True))
     t2, l2, p2 = _draws(group=4, shared=True, static_cache=False)
     assert t1.tolist() == t2.tolist() and l1.tolist() == l2.tolist()
     torch.testing.assert_close(p1, p2, rtol=1e-5, atol=1e-5)
-    # rows: the rows of each decode step (the prefill takes embeddings, not token ids)
     assert rows[0] == 16 and min(rows) < 16 and rows == sorted(rows, reverse=True)
     # decode step t computes token t + 1: every row longer than that is among those computed
+    assert all(k >= int((l1 > t + 1).sum()) for t, k in enumerate(rows))
+
+
+def test_greedy_rows_that_end_leave_the_static_cache_and_the_tokens_hold():
+    """Greedy decoding (temperature 0, as in evaluation) with rows ending at different
+    steps: the static cache drops them and gives the model's own cache's tokens."""
+    torch.manual_seed(0)
+    lm = Qwen2ForCausalLM(Qwen2Config(vocab_size=30, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2)).eval()
+    emb, mask = torch.randn(16, 5, 32), torch.ones(16, 5, dtype=torch.long)
+    mask[::3, :2] = 0
+
+    def greedy(eos: int, **kw):
+        return sample(lm, emb, mask, max_new_tokens=12, eos_id=eos, temperature=0.0, vocab=(10, 30), **kw)
+
+    # a random model seldom picks a given eos greedily: take the id whose rows end most variously
+    eos = max(range(10, 30), key=lambda e: len(set(greedy(e, static_cache=False)[1].tolist())))
+    (t1, l1, p1), rows = _rows_per_step(lambda: greedy(eos))
+    t2, l2, p2 = greedy(eos, static_cache=False)
+    assert len(set(l1.tolist())) > 2 and int((l1 < 12).sum()) >= 4  # enough rows end early to drop
+    assert t1.tolist() == t2.tolist() and l1.tolist() == l2.tolist()
+    torch.testing.assert_close(p1, p2, rtol=1e-5, atol=1e-5)
+    assert rows[0] == 16 and min(rows) < 16
     assert all(k >= int((l1 > t + 1).sum()) for t, k in enumerate(rows))
 
 

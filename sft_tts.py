@@ -90,7 +90,7 @@ class Args:
     lm_lr: float = 1e-3
     """TTS LM peak learning rate"""
     lm_steps: int = 4700
-    """TTS LM steps, its cosine's length (the same LM on any CPU); stops earlier when dev NLL stalls"""
+    """TTS LM steps, its cosine's length (as many on any CPU, however slow); stops earlier on a plateau"""
     lm_prompt_loss: float = 1.0
     """SFT loss weight on the prompt's speech tokens (CosyVoice 2 learns them all; 0 = outputs only)"""
     lm_bf16: bool = field(default_factory=cpu_has_bf16)

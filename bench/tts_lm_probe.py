@@ -6,8 +6,8 @@ in minutes instead of the full build's.
 
     python bench/tts_lm_probe.py --lm_steps 1000                # 1,000 steps of TTS LM training
     python bench/tts_lm_probe.py --lm_steps 1000 --tokens semantic
-    # learning-rate / loss trials at equal steps (the cosine runs over --max_steps, as the
-    # default build's 35-45 minutes do over about 2,400 steps); --stop_after ends the probe early
+    # learning-rate / loss trials at equal steps (the cosine runs over the smaller of --lm_steps,
+    # default 4,700, and --max_steps); --stop_after ends the probe early
     python bench/tts_lm_probe.py --threads 1 --max_steps 2370 --stop_after 600 --lm_lr 3e-3
 
 The LM lands in runs/tts_lm_probe/<tag>/tts_lm; `grpo_tts.py --eval_only --init` on it

@@ -14,8 +14,9 @@ One measured step = ℓ(ref) from a frozen copy without gradient + ℓ with forw
 (the fused log-prob kernel on the output rows of the head), as in `grpo_tts.py` at μ = 1.
 Models: the toy TTS LM (hidden 256, 4 layers) and one with Qwen2.5-0.5B's hidden size,
 layers and heads (896, 24, 14) over the same small vocabulary, random weights. Shapes: B
-prompts of 61-101 tokens (CosyVoice-2-like: 20 text ids, <sos>, 40-80 prompt speech ids),
-G samples of `--new` tokens each. Time per step = median of the timed steps after one
+prompts of 61-101 tokens (CosyVoice-2-like: 20 text ids, <sos>, 40-80 prompt speech ids;
+`--prompt N` makes it N on average, uniform in [2N/3, 4N/3], as an LLM-ASR's audio prompt of
+hundreds of frames), G samples of `--new` tokens each. Time per step = median of the timed steps after one
 warm-up. Peak memory: torch.cuda.max_memory_allocated on CUDA; on CPU the peak RSS growth
 over the steps (sampled every 5 ms). The last line is one JSON object with `speedup` =
 whole_s / shared_s, `mem_ratio` = whole_peak / shared_peak and `by_length` = one_pass_s /
@@ -53,8 +54,9 @@ def run(a: argparse.Namespace) -> dict:
     lm = build_toy_tts([f"word{i}" for i in range(108)], K, d=cfg["d"], layers=cfg["layers"],
                        heads=cfg["heads"], dropout=0.0).to(a.device).eval()
     ref = copy.deepcopy(lm.lm).requires_grad_(False)
+    lo, hi = a.prompt * 2 // 3, a.prompt * 4 // 3  # the prompt's speech tokens (default 40-80)
     prompts = [[rng.randrange(4, lm.offset) for _ in range(20)] + [lm.sos_id]
-               + [lm.offset + rng.randrange(K) for _ in range(rng.randint(40, 80))] for _ in range(a.b)]
+               + [lm.offset + rng.randrange(K) for _ in range(rng.randint(lo, hi))] for _ in range(a.b)]
     n_out = [rng.randint(a.new // 4, a.new * 7 // 4) if a.spread else a.new for _ in range(a.b * a.g)]
     outs = [[rng.randrange(K + 1) for _ in range(n)] for n in n_out]  # group-major
     y = torch.tensor([t for o in outs for t in o], device=a.device)
@@ -101,6 +103,8 @@ def main() -> None:
     p.add_argument("--new", type=int, default=0, help="tokens per sample (0: 64 quick, 256 full)")
     p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up")
     p.add_argument("--spread", action="store_true", help="output lengths uniform in [new/4, 7 new/4]")
+    p.add_argument("--prompt", type=int, default=60,
+                   help="mean prompt speech tokens, uniform in [2/3, 4/3] of that (after 20 text ids, <sos>)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast on CPU too (always on on CUDA)")
     p.add_argument("--variant", default="", help=argparse.SUPPRESS)  # set in the subprocesses
     p.add_argument("--shape", default="tts", help=argparse.SUPPRESS)
@@ -112,7 +116,8 @@ def main() -> None:
         return
     a.new = a.new or (64 if a.quick else 256)
     shapes = ["tts"] if a.device == "cpu" else ["tts", "qwen2.5-0.5b"]
-    print(f"device {a.device}, torch {torch.__version__}, B={a.b}, G={a.g}, prompts 61-101, new {a.new}, "
+    print(f"device {a.device}, torch {torch.__version__}, B={a.b}, G={a.g}, "
+          f"prompts {21 + a.prompt * 2 // 3}-{21 + a.prompt * 4 // 3}, new {a.new}, "
           f"bf16 autocast {a.device == 'cuda' or a.bf16}")
     print(f"{'shape':<14} {'variant':<9} {'s/step':>8} {'peak MB':>9}"
           + (f" {'TFLOP/s':>9} {'MFU':>6}" if a.device == "cuda" else ""))
@@ -120,7 +125,8 @@ def main() -> None:
     for shape in shapes:
         for variant in ("whole", "one_pass", "shared"):
             cmd = [sys.executable, __file__, "--variant", variant, "--shape", shape, "--device", a.device,
-                   "--b", str(a.b), "--g", str(a.g), "--new", str(a.new), "--steps", str(a.steps)]
+                   "--b", str(a.b), "--g", str(a.g), "--new", str(a.new), "--steps", str(a.steps),
+                   "--prompt", str(a.prompt)]
             cmd += (["--bf16"] if a.bf16 else []) + (["--spread"] if a.spread else [])
             r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
                            .splitlines()[-1])
@@ -138,7 +144,7 @@ def main() -> None:
     for shape in shapes:
         if "mfu" in res[shape, "shared"]:
             out[f"mfu_{shape}"] = round(res[shape, "shared"]["mfu"], 4)  # the scripts' update
-    out.update({"device": a.device, "b": a.b, "g": a.g, "new": a.new, "spread": a.spread,
+    out.update({"device": a.device, "b": a.b, "g": a.g, "prompt": a.prompt, "new": a.new, "spread": a.spread,
                 "bf16": a.device == "cuda" or a.bf16})
     print(json.dumps(out))
 

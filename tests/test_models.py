@@ -228,17 +228,24 @@ def test_static_cache_sampler_equals_hf_generate_on_other_layouts(arch):
     assert toks.tolist() == ref[:, : toks.shape[1]].tolist()
 
 
-def _draws(autocast: bool = False, group: int = 1, shared: bool = False, **kw):
-    """Seeded draws of a tiny Qwen2 with left padding, a vocabulary slice, top-k/top-p and
-    rows that stop at eos at different steps: (tokens, lengths, log-probs). With group > 1:
-    4 prompts, `group` samples each, each prompt passed once (`shared`: sample's group) or
-    as `group` repeated rows."""
+def _tiny_lm():
+    """A seeded tiny Qwen2 (vocabulary 30) and 16 prompts of 5 embeddings, every third
+    left-padded by 2."""
     torch.manual_seed(0)
     lm = Qwen2ForCausalLM(Qwen2Config(vocab_size=30, hidden_size=32, intermediate_size=64,
                                       num_hidden_layers=2, num_attention_heads=4,
                                       num_key_value_heads=2)).eval()
     emb, mask = torch.randn(16, 5, 32), torch.ones(16, 5, dtype=torch.long)
     mask[::3, :2] = 0
+    return lm, emb, mask
+
+
+def _draws(autocast: bool = False, group: int = 1, shared: bool = False, **kw):
+    """Seeded draws of a tiny Qwen2 with left padding, a vocabulary slice, top-k/top-p and
+    rows that stop at eos at different steps: (tokens, lengths, log-probs). With group > 1:
+    4 prompts, `group` samples each, each prompt passed once (`shared`: sample's group) or
+    as `group` repeated rows."""
+    lm, emb, mask = _tiny_lm()
     if group > 1:
         emb, mask = emb[:4], mask[:4]
         if shared:
@@ -289,12 +296,7 @@ def test_ended_rows_leave_the_static_cache_and_the_draws_hold():
 def test_greedy_rows_that_end_leave_the_static_cache_and_the_tokens_hold():
     """Greedy decoding (temperature 0, as in evaluation) with rows ending at different
     steps: the static cache drops them and gives the model's own cache's tokens."""
-    torch.manual_seed(0)
-    lm = Qwen2ForCausalLM(Qwen2Config(vocab_size=30, hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2)).eval()
-    emb, mask = torch.randn(16, 5, 32), torch.ones(16, 5, dtype=torch.long)
-    mask[::3, :2] = 0
+    lm, emb, mask = _tiny_lm()
 
     def greedy(eos: int, **kw):
         return sample(lm, emb, mask, max_new_tokens=12, eos_id=eos, temperature=0.0, vocab=(10, 30), **kw)

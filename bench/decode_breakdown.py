@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.rollout import SHAPES  # noqa: E402
+from bench.rollout import SHAPES, hbm_tbs  # noqa: E402
 from common.models import _decode, _graph_step, _pick, static_cache_decoder  # noqa: E402
 
 
@@ -66,7 +66,9 @@ def main() -> None:
         res["compile_s"] = time.perf_counter() - t0
         res["compiled_graph_step_ms"] = ms_per_call(lambda: step(tok, pos, at))
     params = sum(t.numel() for t in lm.parameters())
-    res["roofline_ms"] = 1e3 * params * 2 / 3.35e12  # every weight read once, bf16, H100 SXM HBM3
+    tbs = hbm_tbs(torch.cuda.get_device_name()) if torch.cuda.is_available() else 0.0
+    if tbs:  # every weight read once, bf16, at the GPU's spec-sheet bandwidth
+        res["roofline_ms"] = 1e3 * params * 2 / (tbs * 1e12)
     for k, v in res.items():
         print(f"{k:24s} {v:.3f}" if isinstance(v, float) else f"{k:24s} {v}")
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in res.items()}))

@@ -44,6 +44,11 @@ HBM_TBS = {"H100 80GB HBM3": 3.35, "H100 PCIe": 2.0, "H100 NVL": 3.9, "GH200": 4
            "A100-SXM4-80GB": 2.039, "A100-SXM4-40GB": 1.555, "A100 80GB PCIe": 1.935}
 
 
+def hbm_tbs(name: str) -> float:
+    """The spec-sheet memory bandwidth (TB/s) of a GPU by its torch name; 0.0 if unknown."""
+    return next((v for k, v in HBM_TBS.items() if k in name), 0.0)
+
+
 def timed(fn, device: str, reps: int) -> float:
     fn()  # warm-up
     if device == "cuda":
@@ -117,7 +122,7 @@ def main() -> None:
     a = p.parse_args()
     device = "cuda" if torch.cuda.is_available() and not a.quick else "cpu"
     name = torch.cuda.get_device_name() if device == "cuda" else ""
-    tbs = a.tbs or next((v for k, v in HBM_TBS.items() if k in name), 0.0)
+    tbs = a.tbs or hbm_tbs(name)
     if device == "cuda" and not tbs:
         p.error(f"no memory bandwidth known for {name!r}: pass --tbs")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32

@@ -47,6 +47,11 @@ PEAK_TFLOPS_BF16 = 989.4  # H100 / H200 SXM, dense bf16: MFU is measured against
 SHAPES = {"tts": dict(d=256, layers=4, heads=4), "qwen2.5-0.5b": dict(d=896, layers=24, heads=14)}
 
 
+def speech_range(n: int) -> tuple[int, int]:
+    """A prompt's speech tokens: uniform in [2n/3, 4n/3] (n = 60: 40-80, CosyVoice-2-like)."""
+    return n * 2 // 3, n * 4 // 3
+
+
 def run(a: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     rng = random.Random(0)
@@ -54,7 +59,7 @@ def run(a: argparse.Namespace) -> dict:
     lm = build_toy_tts([f"word{i}" for i in range(108)], K, d=cfg["d"], layers=cfg["layers"],
                        heads=cfg["heads"], dropout=0.0).to(a.device).eval()
     ref = copy.deepcopy(lm.lm).requires_grad_(False)
-    lo, hi = a.prompt * 2 // 3, a.prompt * 4 // 3  # the prompt's speech tokens (default 40-80)
+    lo, hi = speech_range(a.prompt)
     prompts = [[rng.randrange(4, lm.offset) for _ in range(20)] + [lm.sos_id]
                + [lm.offset + rng.randrange(K) for _ in range(rng.randint(lo, hi))] for _ in range(a.b)]
     n_out = [rng.randint(a.new // 4, a.new * 7 // 4) if a.spread else a.new for _ in range(a.b * a.g)]
@@ -117,7 +122,7 @@ def main() -> None:
     a.new = a.new or (64 if a.quick else 256)
     shapes = ["tts"] if a.device == "cpu" else ["tts", "qwen2.5-0.5b"]
     print(f"device {a.device}, torch {torch.__version__}, B={a.b}, G={a.g}, "
-          f"prompts {21 + a.prompt * 2 // 3}-{21 + a.prompt * 4 // 3}, new {a.new}, "
+          f"prompts {21 + speech_range(a.prompt)[0]}-{21 + speech_range(a.prompt)[1]}, new {a.new}, "
           f"bf16 autocast {a.device == 'cuda' or a.bf16}")
     print(f"{'shape':<14} {'variant':<9} {'s/step':>8} {'peak MB':>9}"
           + (f" {'TFLOP/s':>9} {'MFU':>6}" if a.device == "cuda" else ""))

@@ -121,8 +121,9 @@ def main() -> None:
         return
     a.new = a.new or (64 if a.quick else 256)
     shapes = ["tts"] if a.device == "cpu" else ["tts", "qwen2.5-0.5b"]
+    lo, hi = speech_range(a.prompt)
     print(f"device {a.device}, torch {torch.__version__}, B={a.b}, G={a.g}, "
-          f"prompts {21 + speech_range(a.prompt)[0]}-{21 + speech_range(a.prompt)[1]}, new {a.new}, "
+          f"prompts {21 + lo}-{21 + hi}, new {a.new}, "
           f"bf16 autocast {a.device == 'cuda' or a.bf16}")
     print(f"{'shape':<14} {'variant':<9} {'s/step':>8} {'peak MB':>9}"
           + (f" {'TFLOP/s':>9} {'MFU':>6}" if a.device == "cuda" else ""))

@@ -203,12 +203,16 @@ def prefix_shared_hidden(base: nn.Module, p_emb: torch.Tensor, p_mask: torch.Ten
     rows: list[torch.Tensor] = [first[0, :0]] * len(outputs)  # each row's [|o_i|, d]
     for part in length_batches([len(o) for o in outputs], rows_per_pass, shuffle=False):
         grp = torch.tensor([i // G for i in part], device=dev)  # each row's prompt
-        h = first[grp][:, None]  # [n, 1, d]
+        # index_select, not first[grp]: the backward of tensor indexing sums the repeated
+        # rows with parallel atomic adds on a multi-threaded CPU, in a different order every
+        # run, so same-seed runs drifted apart (README, *Bit-identical reruns*);
+        # index_select's backward (index_add_) sums them in order.
+        h = first.index_select(0, grp)[:, None]  # [n, 1, d]
         L = max(len(outputs[i]) for i in part) - 1  # output tokens that are also inputs: o[:-1]
         if L > 0:
             kv = type(cache)()  # the rows' own copy of their prompts' keys and values
             for layer, c in enumerate(cache.layers):  # the backward sums over each group
-                kv.update(c.keys[grp], c.values[grp], layer)
+                kv.update(c.keys.index_select(0, grp), c.values.index_select(0, grp), layer)
             ids = torch.full((len(part), L), pad_id, dtype=torch.long)
             mask = torch.zeros(len(part), L, dtype=torch.long)  # right-padded
             for r, i in enumerate(part):

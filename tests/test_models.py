@@ -122,6 +122,26 @@ def test_prefix_sharing_equals_whole_sequences(kind, rows_per_pass, qwen2_audio_
     assert_grads_close(g_got, g_want)
 
 
+def test_prefix_sharing_backward_has_no_atomic_adds():
+    """The G rows of each prompt are picked with index_select, whose backward sums them in
+    order. Tensor indexing (first[grp]) backs up through index_put_(accumulate=True), which a
+    multi-threaded CPU runs with atomic adds in a different order every run: same-seed GRPO
+    runs parted at step 9 in 3 of 9 tries (README, *Bit-identical reruns*)."""
+    torch.manual_seed(0)
+    model = build_toy_asr(WORDS, d_enc=16, enc_layers=1, d_lm=16, lm_layers=2).eval()
+    eos = model.eos_id
+    got = model.output_hidden(torch.randn(2, 5, 16), torch.tensor([5, 3]),
+                              [[5, 6, eos], [7, eos], [eos], [6, 6, 5, eos], [5, eos], [7, 5, eos]])
+    seen, todo = set(), [got.grad_fn]
+    while todo:  # every node of the backward graph
+        fn = todo.pop()
+        if fn is not None and fn not in seen:
+            seen.add(fn)
+            todo.extend(f for f, _ in fn.next_functions)
+    names = {type(fn).__name__ for fn in seen}
+    assert "IndexSelectBackward0" in names and "IndexBackward0" not in names, sorted(names)
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_qwen2_audio_parity_with_transformers(qwen2_audio_dir, attn):
     """Our SpeechLLM over Qwen2-Audio's modules gives the logits that

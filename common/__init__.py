@@ -13,14 +13,6 @@ import re
 import typing
 from xml.sax.saxutils import escape
 
-# MKL, PyTorch's BLAS on x86 CPUs, picks its kernels by each operand's memory alignment, so
-# one matmul of the same numbers can round differently from run to run: two runs of
-# grpo_asr.py with one seed parted at step 9's loss and ended 0.0848 and 0.0895 (README,
-# *Bit-identical reruns*). Strict CNR mode fixes the kernel whatever the alignment, at no
-# cost we could measure. MKL reads this at its first call, so it is set here, on import,
-# before any script computes; a value the user set wins.
-os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
-
 _FIELD = re.compile(r"^\s+(\w+)\s*:")
 
 

@@ -206,7 +206,9 @@ def prefix_shared_hidden(base: nn.Module, p_emb: torch.Tensor, p_mask: torch.Ten
         # index_select, not first[grp]: the backward of tensor indexing sums the repeated
         # rows with parallel atomic adds on a multi-threaded CPU, in a different order every
         # run, so same-seed runs drifted apart (README, *Bit-identical reruns*);
-        # index_select's backward (index_add_) sums them in order.
+        # index_select's backward (index_add_) sums them in order there. On CUDA it is the
+        # other way round (torch.use_deterministic_algorithms lists index_select's
+        # backward), so bit-identical reruns are promised on CPU only.
         h = first.index_select(0, grp)[:, None]  # [n, 1, d]
         L = max(len(outputs[i]) for i in part) - 1  # output tokens that are also inputs: o[:-1]
         if L > 0:

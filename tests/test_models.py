@@ -126,7 +126,7 @@ def test_prefix_sharing_backward_has_no_atomic_adds():
     """The G rows of each prompt are picked with index_select, whose backward sums them in
     order. Tensor indexing (first[grp]) backs up through index_put_(accumulate=True), which a
     multi-threaded CPU runs with atomic adds in a different order every run: same-seed GRPO
-    runs parted at step 9 in 3 of 9 tries (README, *Bit-identical reruns*)."""
+    runs parted at step 8's backward in 3 of 6 tries (README, *Bit-identical reruns*)."""
     torch.manual_seed(0)
     model = build_toy_asr(WORDS, d_enc=16, enc_layers=1, d_lm=16, lm_layers=2).eval()
     eos = model.eos_id
